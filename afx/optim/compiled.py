@@ -1,0 +1,54 @@
+"""The per-bucket update function and its compilation.
+
+One bucket is a set of parameters that share a transformation, a state layout, a shape, dtypes
+and a device. Its update function runs the chain on one parameter and writes the new state and
+parameter back into the persistent tensors inside the same graph, so Inductor turns the pure
+update into in-place kernels and no second copy of the state outlives the step.
+"""
+
+from __future__ import annotations
+
+import types
+from collections.abc import Callable
+from typing import Any
+
+import optree
+import torch
+
+from afx.base import GradientTransformation, Hyper
+
+Tensor = torch.Tensor
+
+
+def apply_update(tx: GradientTransformation, param: Tensor, grad: Tensor, state: Any,
+                 hyper: Hyper) -> None:
+    """Runs ``tx`` on one parameter and writes the new state and parameter in place."""
+    updates, new_state = tx.update(grad, state, param, hyper)
+    for old, new in zip(optree.tree_leaves(state), optree.tree_leaves(new_state)):
+        old.copy_(new)
+    param.copy_(param.float() + updates)
+
+
+def _private_copy(fn: Callable, tag: str) -> Callable:
+    # Dynamo keeps its cache of compiled graphs (and its recompile limit) on the code object. A
+    # private code object per bucket gives each bucket its own cache holding exactly one graph,
+    # instead of N buckets competing for one cache and scanning each other's guards.
+    code = fn.__code__.replace(co_name=f"{fn.__name__}_{tag}")
+    return types.FunctionType(code, fn.__globals__, code.co_name, fn.__defaults__,
+                              fn.__closure__)
+
+
+def bucket_function(tag: str, compile: bool | dict) -> Callable:
+    """The update function of one bucket: compiled (``fullgraph=True, dynamic=False``) or eager.
+
+    Args:
+        tag: a name unique to the bucket (becomes part of the compiled function's name).
+        compile: ``False`` for eager, ``True`` for the default ``torch.compile`` settings, or a
+            dict of extra ``torch.compile`` keyword arguments (``backend``, ``mode``, ``options``).
+    """
+    if not compile:
+        return apply_update
+    options = dict(compile) if isinstance(compile, dict) else {}
+    options.setdefault("fullgraph", True)
+    options.setdefault("dynamic", False)
+    return torch.compile(_private_copy(apply_update, tag), **options)

@@ -1,0 +1,323 @@
+"""``afx.optim.Optimizer``: runs a gradient transformation as a ``torch.optim.Optimizer``."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Iterable, Mapping
+from types import MappingProxyType
+from typing import Any, NamedTuple
+
+import optree
+import torch
+
+from afx.base import CountState, GradientTransformation, count_steps
+from afx.optim.compiled import bucket_function
+from afx.tree import flatten_state, param_names
+
+Tensor = torch.Tensor
+TxFactory = Callable[[Mapping[str, Any]], GradientTransformation]
+
+
+class _Plan(NamedTuple):
+    """How one parameter is updated: its bucket, state keys and state structure."""
+
+    static: tuple
+    bucket: tuple
+    keys: tuple[str, ...]          # state[p] keys of the transformation's state, in leaf order
+    spec: optree.PyTreeSpec        # structure of the transformation's state
+
+
+def _init(tx: GradientTransformation, param: Tensor, name: str | None) -> CountState:
+    """``tx.init(param)`` with the parameter's name visible to name predicates."""
+    with param_names({id(param): name} if name else {}):
+        return tx.init(param)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float, Tensor)) and not isinstance(value, bool)
+
+
+def static_config(group: Mapping[str, Any]) -> tuple:
+    """The part of a param group that shapes the graph: everything but numbers (and params).
+
+    A number is dynamic; whether it is ``None`` is static (``beta1=None`` means no momentum).
+    """
+    def freeze(value: Any) -> Any:
+        if _is_number(value):
+            return "<number>"
+        if isinstance(value, (tuple, list)):
+            return tuple(freeze(v) for v in value)
+        try:
+            hash(value)
+        except TypeError:
+            return repr(value)
+        return value
+
+    return tuple(sorted((k, freeze(v)) for k, v in group.items() if k != "params"))
+
+
+class Optimizer(torch.optim.Optimizer):
+    """A ``torch.optim.Optimizer`` that runs a gradient transformation, compiled per bucket.
+
+    Every numeric hyperparameter the transformation declares lives in ``param_groups`` and is
+    mirrored each step into a persistent 0-d tensor read by the compiled graph, so LR schedulers
+    (including those that write Python floats or cycle ``beta1``) never trigger a recompile.
+    State is created eagerly the first time a parameter has a gradient; parameters sharing a
+    transformation, shape, dtypes and device share one compiled function
+    (``torch.compile(fullgraph=True, dynamic=False)``), called once per parameter.
+
+    ``state[p]`` is a flat ``dict[str, Tensor]``: ``"step"`` plus the transformation's state
+    leaves under dotted names (``"rms.v_row"`` for a :func:`afx.named_chain` part ``"rms"``).
+
+    Args:
+        params: parameters or param-group dicts, as for any ``torch.optim.Optimizer``; pass
+            ``model.named_parameters()`` to let name predicates of :func:`afx.partition` see
+            module paths.
+        tx: a :class:`afx.GradientTransformation` returning updates to *add* to the parameters,
+            or a factory ``tx(group) -> GradientTransformation`` called with each param group
+            (its non-numeric entries decide the structure, numbers are read at run time).
+        compile: ``True`` (default) to compile each bucket, ``False`` to run the same chain
+            eagerly, or a dict of ``torch.compile`` options (``backend``, ``mode``, ...).
+        **defaults: param-group defaults; with a transformation (not a factory) they extend
+            the defaults it declares.
+
+    Example:
+        >>> import torch, afx
+        >>> from afx import transforms as T
+        >>> model = torch.nn.Linear(4, 2)
+        >>> tx = afx.chain(T.scale_by_factored_rms(), T.clip_by_rms(1.0),
+        ...                T.scale_by_learning_rate(1e-2))
+        >>> opt = afx.optim.Optimizer(model.parameters(), tx, compile=False)
+        >>> model(torch.randn(8, 4)).square().mean().backward()
+        >>> opt.step()
+        >>> sorted(opt.state[model.weight]), opt.param_groups[0]["lr"]
+        (['0.v_col', '0.v_row', 'step'], 0.01)
+    """
+
+    #: renames of internal state keys for the checkpoint (used by prepackaged optimizers).
+    state_key_names: Mapping[str, str] = MappingProxyType({})
+    #: user-facing option names of hyperparameters, for error messages.
+    option_names: Mapping[str, str] = MappingProxyType({})
+
+    def __init__(self, params: Iterable, tx: GradientTransformation | TxFactory, *,
+                 compile: bool | dict = True, **defaults: Any) -> None:
+        if isinstance(tx, GradientTransformation):
+            transformation = tx
+            self._factory: TxFactory = lambda group: transformation
+            defaults = {**{k: s.default for k, s in tx.hyperparams.items()}, **defaults}
+        elif callable(tx):
+            self._factory = tx
+        else:
+            raise TypeError(f"tx must be a GradientTransformation or a factory, got {tx!r}")
+        self._compile = compile
+        self._reset_caches()
+        super().__init__(params, defaults)
+
+    # ----------------------------------------------------------------------------- set-up --
+    def _reset_caches(self) -> None:
+        self._txs: dict[tuple, GradientTransformation] = {}
+        self._buckets: dict[tuple, Callable] = {}
+        self._plans: dict[Tensor, _Plan] = {}
+        self._mirrors: dict[tuple[int, torch.device], dict[str, Tensor]] = {}
+        self._mirrored: dict[tuple[int, torch.device], dict[str, Any]] = {}
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self._reset_caches()
+
+    def __getstate__(self) -> dict:
+        # Compiled functions and mirrors are caches: rebuilt on demand after copy or unpickling.
+        state = super().__getstate__()
+        for key in ("_txs", "_buckets", "_plans", "_mirrors", "_mirrored"):
+            state.pop(key, None)
+        return state
+
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        try:
+            for p in group["params"]:
+                if p.is_complex():
+                    raise ValueError(f"{type(self).__name__} does not support complex "
+                                     f"parameters (got one of dtype {p.dtype})")
+            self._validate_group(group)
+        except Exception:
+            self.param_groups.pop()
+            raise
+
+    def hyper_values(self, group: Mapping[str, Any]) -> Mapping[str, Any]:
+        """The group's hyperparameters under the names the transformation reads.
+
+        The default reads them from the group itself; prepackaged optimizers override this to
+        map their own option names (e.g. ``eps=(eps1, eps2)``).
+        """
+        return group
+
+    def _transformation(self, group: Mapping[str, Any]) -> tuple[tuple, GradientTransformation]:
+        static = static_config(group)
+        tx = self._txs.get(static)
+        if tx is None:
+            tx = self._txs[static] = count_steps(self._factory(group))
+        return static, tx
+
+    def _validate_group(self, group: Mapping[str, Any]) -> None:
+        _, tx = self._transformation(group)
+        values = self.hyper_values(group)
+        for name, spec in tx.hyperparams.items():
+            if name not in values:
+                raise ValueError(f"param group has no value for hyperparameter {name!r}")
+            spec.check(self.option_names.get(name, name), values[name])
+
+    # ------------------------------------------------------------------------------ state --
+    def _plan(self, p: Tensor, group: Mapping[str, Any], name: str | None) -> _Plan:
+        static, tx = self._transformation(group)
+        plan = self._plans.get(p)
+        if plan is not None and plan.static == static:
+            return plan
+        flat, spec = flatten_state(_init(tx, torch.empty_like(p, device="meta"), name).inner)
+        keys = tuple(self.state_key_names.get(k, k) for k in flat)
+        layout = tuple((k, tuple(t.shape), t.dtype) for k, t in zip(keys, flat.values()))
+        bucket = (static, str(spec), layout, tuple(p.shape), p.dtype, p.device)
+        plan = self._plans[p] = _Plan(static, bucket, keys, spec)
+        self._init_state(p, tx, plan, name)
+        return plan
+
+    def _init_state(self, p: Tensor, tx: GradientTransformation, plan: _Plan,
+                    name: str | None) -> None:
+        """Makes ``state[p]`` hold exactly the plan's entries (missing ones from ``tx.init``)."""
+        state = self.state[p]
+        for stale in [k for k in state if k != "step" and k not in plan.keys]:
+            del state[stale]  # from a structure the group's static options no longer produce
+        if all(k in state for k in plan.keys) and "step" in state:
+            return
+        fresh = _init(tx, p.detach(), name)
+        flat, _ = flatten_state(fresh.inner)
+        for key, value in zip(plan.keys, flat.values()):
+            state.setdefault(key, value)
+        state.setdefault("step", fresh.step)
+
+    def _hyper(self, index: int, group: Mapping[str, Any], tx: GradientTransformation,
+               device: torch.device) -> dict[str, Tensor]:
+        """Mirrors the group's hyperparameters into persistent 0-d float32 tensors."""
+        key = (index, device)
+        mirrors = self._mirrors.setdefault(key, {})
+        last = self._mirrored.setdefault(key, {})
+        values = self.hyper_values(group)
+        for name in tx.hyperparams:
+            value = values[name]
+            buf = mirrors.get(name)
+            if buf is None:
+                buf = mirrors[name] = torch.zeros((), dtype=torch.float32, device=device)
+                last[name] = None
+            if isinstance(value, Tensor):
+                buf.copy_(value.detach().reshape(()))
+                last[name] = None
+            elif last[name] != value:
+                buf.fill_(value)
+                last[name] = value
+        return mirrors
+
+    # ------------------------------------------------------------------------------- step --
+    def _check_grads(self) -> list[tuple[int, dict, Tensor]]:
+        work = []
+        for index, group in enumerate(self.param_groups):
+            self._validate_group(group)
+            for p in group["params"]:
+                g = p.grad
+                if g is None:
+                    continue
+                if g.is_sparse:
+                    raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+                if g.is_complex():
+                    raise RuntimeError(f"{type(self).__name__} does not support complex gradients")
+                if g.shape != p.shape:
+                    raise RuntimeError(f"gradient of shape {tuple(g.shape)} for a parameter of "
+                                       f"shape {tuple(p.shape)}")
+                work.append((index, group, p))
+        return work
+
+    def _param_names(self) -> dict[Tensor, str]:
+        names = {}
+        for group in self.param_groups:
+            for p, name in zip(group["params"], group.get("param_names", ())):
+                names[p] = name
+        return names
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """Performs one optimization step.
+
+        Args:
+            closure: optional callable that re-evaluates the model and returns the loss; it runs
+                with gradients enabled.
+
+        Returns:
+            The closure's loss, or ``None``.
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        # Every check happens before the first parameter or state changes.
+        work = self._check_grads()
+        names = self._param_names()
+        plans = [self._plan(p, group, names.get(p)) for _, group, p in work]
+        for (index, group, p), plan in zip(work, plans):
+            _, tx = self._transformation(group)
+            hyper = self._hyper(index, group, tx, p.device)
+            fn = self._buckets.get(plan.bucket)
+            if fn is None:
+                fn = self._buckets[plan.bucket] = bucket_function(
+                    f"bucket{len(self._buckets)}", self._compile)
+            state = self.state[p]
+            nested = CountState(state["step"], plan.spec.unflatten([state[k] for k in plan.keys]))
+            fn(tx, p, p.grad, nested, hyper)
+        return loss
+
+    # ------------------------------------------------------------------------- checkpoint --
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Loads a checkpoint, keeping every state tensor's saved dtype.
+
+        ``torch.optim.Optimizer.load_state_dict`` casts floating state to the parameter's dtype;
+        afx states are float32 statistics or integer codes whatever the parameter's dtype, so
+        they are restored from the saved tensors (only moved to the parameter's device). A
+        ``"step"`` saved as a Python number (as transformers' Adafactor does) becomes a tensor.
+        """
+        saved_groups = state_dict["param_groups"]
+        saved_state = {k: dict(v) for k, v in state_dict["state"].items()}
+        super().load_state_dict(state_dict)
+        self._reset_caches()
+        ids = itertools.chain.from_iterable(g["params"] for g in saved_groups)
+        params = itertools.chain.from_iterable(g["params"] for g in self.param_groups)
+        for saved_id, p in zip(ids, params):
+            if saved_id not in saved_state:
+                continue
+            state = self.state[p]
+            for key, value in saved_state[saved_id].items():
+                if isinstance(value, Tensor):
+                    state[key] = value.to(device=p.device)
+                elif key == "step":
+                    state[key] = torch.tensor(float(value), dtype=torch.float32, device=p.device)
+            if "step" in state:
+                state["step"] = state["step"].to(dtype=torch.float32).reshape(())
+        self._check_loaded_state()
+
+    def _check_loaded_state(self) -> None:
+        names = self._param_names()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if not self.state.get(p):
+                    continue
+                _, tx = self._transformation(group)
+                template = _init(tx, torch.empty_like(p, device="meta"), names.get(p))
+                flat, _ = flatten_state(template.inner)
+                state = self.state[p]
+                for key, expected in zip(flat, flat.values()):
+                    key = self.state_key_names.get(key, key)
+                    value = state.get(key)
+                    if value is None:
+                        continue  # created by _plan at the next step
+                    if tuple(value.shape) != tuple(expected.shape):
+                        raise ValueError(f"checkpoint state {key!r} has shape "
+                                         f"{tuple(value.shape)}, expected {tuple(expected.shape)}")
+                    state[key] = value.to(dtype=expected.dtype)

@@ -1,0 +1,38 @@
+"""The transform catalogue: each function returns an :class:`afx.GradientTransformation`."""
+
+from afx.transforms.clipping import clip_by_rms
+from afx.transforms.factored_rms import FactoredRmsState, RmsState, scale_by_factored_rms
+from afx.transforms.momentum import EmaState, ema
+from afx.transforms.step_size import (
+    StepSize,
+    constant,
+    learning_rate,
+    param_rms,
+    relative_step,
+    scale,
+    scale_by_learning_rate,
+    scale_by_param_rms,
+    scale_by_relative_step,
+    scale_by_step_size,
+)
+from afx.transforms.weight_decay import add_decayed_weights
+
+__all__ = [
+    "EmaState",
+    "FactoredRmsState",
+    "RmsState",
+    "StepSize",
+    "add_decayed_weights",
+    "clip_by_rms",
+    "constant",
+    "ema",
+    "learning_rate",
+    "param_rms",
+    "relative_step",
+    "scale",
+    "scale_by_factored_rms",
+    "scale_by_learning_rate",
+    "scale_by_param_rms",
+    "scale_by_relative_step",
+    "scale_by_step_size",
+]

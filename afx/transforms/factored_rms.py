@@ -1,0 +1,121 @@
+"""Adafactor's second-moment estimate: factored over the last two dims, element-wise otherwise."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from afx.base import (
+    NON_NEGATIVE,
+    GradientTransformation,
+    Hyper,
+    Hyperparam,
+    hyper_value,
+    hyperparams,
+    per_leaf,
+    step_count,
+)
+from afx.numerics import fp32_zeros
+
+Tensor = torch.Tensor
+
+
+class FactoredRmsState(NamedTuple):
+    """Row and column EMAs of ``g² + eps1`` for a tensor of shape ``(..., R, C)``.
+
+    Attributes:
+        v_row: shape ``(..., R)``, the EMA of the mean over columns.
+        v_col: shape ``(..., C)``, the EMA of the mean over rows.
+    """
+
+    v_row: Tensor
+    v_col: Tensor
+
+
+class RmsState(NamedTuple):
+    """Element-wise EMA ``v`` of ``g² + eps1`` (tensors with fewer than two dims)."""
+
+    v: Tensor
+
+
+def scale_by_factored_rms(
+    decay_rate: float = -0.8,
+    eps1: float = 1e-30,
+    *,
+    beta2: float | None = None,
+    factored: bool = True,
+    bias_correction: bool = False,
+) -> GradientTransformation:
+    """Divides updates by Adafactor's estimate of the root mean square of the gradient.
+
+    With ``G = g² + eps1`` and the new-value weight ``w_t = t^decay_rate`` (or ``1 − beta2``):
+
+    * tensors with at least two dims (if ``factored``), shape ``(..., R, C)``:
+      ``R_t = (1 − w_t) R_{t−1} + w_t mean_C(G)``, ``C_t = (1 − w_t) C_{t−1} + w_t mean_R(G)``,
+      ``V̂ = R_t C_tᵀ / mean(R_t)`` (leading dims are independent batches);
+    * other tensors: ``V_t = (1 − w_t) V_{t−1} + w_t G``, ``V̂ = V_t``;
+    * output ``u = g / √V̂``; with ``bias_correction`` (fixed ``beta2`` only) ``V̂`` is divided
+      by ``1 − beta2^t``.
+
+    Args:
+        decay_rate: exponent ``c ≤ 0`` of the schedule ``w_t = t^c`` (hyperparameter
+            ``"decay_rate"``); ``w_1 = 1``, so the first estimate is the first gradient's.
+        eps1: added to ``g²`` (hyperparameter ``"eps1"``).
+        beta2: if given, a fixed EMA coefficient (hyperparameter ``"beta2"``) replacing the
+            schedule.
+        factored: factor tensors with two or more dims; ``False`` keeps a full ``V`` for all.
+        bias_correction: divide by ``1 − beta2^t`` (needs ``beta2``).
+
+    Returns:
+        The transformation; needs ``hyper["step"]`` (see :func:`afx.count_steps`).
+
+    References:
+        Shazeer & Stern, "Adafactor: Adaptive Learning Rates with Sublinear Memory Cost", 2018.
+
+    Example:
+        >>> import torch, afx
+        >>> from afx import transforms as T
+        >>> tx = afx.count_steps(T.scale_by_factored_rms())
+        >>> g = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
+        >>> u, state = tx.update(g, tx.init(g), g, {})
+        >>> state.inner.v_row, state.inner.v_col
+        (tensor([ 2.5000, 12.5000]), tensor([ 5., 10.]))
+    """
+    if bias_correction and beta2 is None:
+        raise ValueError("scale_by_factored_rms: bias_correction=True needs a fixed beta2")
+    specs = {"eps1": NON_NEGATIVE._replace(default=eps1)}
+    if beta2 is None:
+        specs["decay_rate"] = Hyperparam(decay_rate, high=0.0)
+    else:
+        specs["beta2"] = Hyperparam(beta2, 0.0, 1.0, high_inclusive=False)
+
+    def is_factored(p: Tensor) -> bool:
+        return factored and p.ndim >= 2
+
+    def init_leaf(p: Tensor):
+        if is_factored(p):
+            return FactoredRmsState(fp32_zeros(p.shape[:-1], p),
+                                    fp32_zeros(p.shape[:-2] + p.shape[-1:], p))
+        return RmsState(fp32_zeros(p.shape, p))
+
+    def update_leaf(g: Tensor, state, p: Tensor | None, hyper: Hyper | None):
+        t = step_count(hyper)
+        if beta2 is None:
+            weight = t ** hyper_value(hyper, "decay_rate", decay_rate)
+        else:
+            weight = 1.0 - hyper_value(hyper, "beta2", beta2)
+        g = g.float()
+        sq = g.square() + hyper_value(hyper, "eps1", eps1)
+        correction = 1.0 - (1.0 - weight) ** t if bias_correction else None
+        if isinstance(state, FactoredRmsState):
+            v_row = torch.lerp(state.v_row, sq.mean(dim=-1), weight)
+            v_col = torch.lerp(state.v_col, sq.mean(dim=-2), weight)
+            col = v_col if correction is None else v_col / correction
+            row_factor = (v_row / v_row.mean(dim=-1, keepdim=True)).rsqrt().unsqueeze(-1)
+            return g * row_factor * col.rsqrt().unsqueeze(-2), FactoredRmsState(v_row, v_col)
+        v = torch.lerp(state.v, sq, weight)
+        v_hat = v if correction is None else v / correction
+        return g * v_hat.rsqrt(), RmsState(v)
+
+    return per_leaf(init_leaf, update_leaf, hyperparams(**specs))

@@ -1,0 +1,169 @@
+"""Step sizes: learning rate, Adafactor's relative step and parameter scale, and scaling by them.
+
+A :class:`StepSize` is a scalar function of the parameter and the hyperparameters. Step sizes
+multiply (``relative_step() * param_rms()`` is Adafactor's ``α_t``), scale updates through
+:func:`scale_by_step_size`, and couple weight decay to the step through
+:func:`afx.transforms.add_decayed_weights`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import NamedTuple
+
+import torch
+
+from afx.base import (
+    NON_NEGATIVE,
+    GradientTransformation,
+    Hyper,
+    Hyperparam,
+    hyper_value,
+    hyperparams,
+    merge_hyperparams,
+    stateless,
+    step_count,
+)
+from afx.numerics import rms
+
+Tensor = torch.Tensor
+
+
+class StepSize(NamedTuple):
+    """A scalar step size ``fn(param, hyper)`` and the hyperparameters it reads.
+
+    Example:
+        >>> import torch
+        >>> from afx import transforms as T
+        >>> alpha = T.learning_rate(0.1) * T.param_rms(1e-3)
+        >>> alpha.fn(torch.full((4,), 2.0), {})
+        tensor(0.2000)
+    """
+
+    fn: Callable[[Tensor | None, Hyper | None], Tensor | float]
+    hyperparams: Mapping[str, Hyperparam]
+
+    def __mul__(self, other: StepSize) -> StepSize:  # type: ignore[override]
+        left, right = self.fn, other.fn
+        specs = merge_hyperparams([self.hyperparams, other.hyperparams])
+        return StepSize(lambda p, h: left(p, h) * right(p, h), specs)
+
+
+def constant(value: float) -> StepSize:
+    """A fixed factor, baked into the graph (use it for signs, not for tunable numbers)."""
+    return StepSize(lambda p, h: value, hyperparams())
+
+
+def learning_rate(lr: float = 1e-3) -> StepSize:
+    """The learning rate, hyperparameter ``"lr"`` (≥ 0)."""
+    return StepSize(lambda p, h: hyper_value(h, "lr", lr), hyperparams(lr=NON_NEGATIVE._replace(
+        default=lr)))
+
+
+def relative_step(warmup_init: bool = False) -> StepSize:
+    """Adafactor's relative step ``ρ_t = min(1e-2, 1/√t)``, or ``min(1e-6·t, 1/√t)`` with warmup.
+
+    References:
+        Shazeer & Stern, "Adafactor: Adaptive Learning Rates with Sublinear Memory Cost", 2018.
+    """
+
+    def fn(p: Tensor | None, hyper: Hyper | None) -> Tensor:
+        t = step_count(hyper)
+        cap = t * 1e-6 if warmup_init else torch.full_like(t, 1e-2)
+        return torch.minimum(cap, t.rsqrt())
+
+    return StepSize(fn, hyperparams())
+
+
+def param_rms(eps2: float = 1e-3) -> StepSize:
+    """Adafactor's parameter scale ``max(eps2, RMS(param))``, hyperparameter ``"eps2"`` (≥ 0).
+
+    References:
+        Shazeer & Stern, "Adafactor: Adaptive Learning Rates with Sublinear Memory Cost", 2018.
+    """
+
+    def fn(p: Tensor | None, hyper: Hyper | None) -> Tensor:
+        if p is None:
+            raise ValueError("param_rms needs the parameters: pass params to update")
+        return torch.clamp(rms(p), min=hyper_value(hyper, "eps2", eps2))
+
+    return StepSize(fn, hyperparams(eps2=NON_NEGATIVE._replace(default=eps2)))
+
+
+def scale_by_step_size(step_size: StepSize) -> GradientTransformation:
+    """Multiplies updates by a step size: ``u ← α(param, hyper) · u``.
+
+    Args:
+        step_size: the step size.
+
+    Returns:
+        A stateless transformation.
+
+    Example:
+        >>> import torch
+        >>> from afx import transforms as T
+        >>> tx = T.scale_by_step_size(T.learning_rate(0.5))
+        >>> tx.update(torch.ones(2), tx.init(torch.zeros(2)), None, {"lr": 0.25})[0]
+        tensor([0.2500, 0.2500])
+    """
+    return stateless(lambda u, p, h: u * step_size.fn(p, h), step_size.hyperparams)
+
+
+def scale(factor: float) -> GradientTransformation:
+    """Multiplies updates by a fixed ``factor`` (typically ``-1`` to turn a step into a descent).
+
+    Example:
+        >>> import torch
+        >>> from afx import transforms as T
+        >>> T.scale(-1.0).update(torch.ones(2), T.scale(-1.0).init(torch.zeros(2)), None)[0]
+        tensor([-1., -1.])
+    """
+    return scale_by_step_size(constant(factor))
+
+
+def scale_by_learning_rate(lr: float = 1e-3, *, flip_sign: bool = True) -> GradientTransformation:
+    """Multiplies updates by ``-lr`` (or ``lr`` with ``flip_sign=False``), as in optax.
+
+    Args:
+        lr: hyperparameter ``"lr"`` (≥ 0).
+        flip_sign: negate, so that adding the result to the parameters descends.
+
+    Returns:
+        A stateless transformation.
+
+    Example:
+        >>> import torch
+        >>> from afx import transforms as T
+        >>> tx = T.scale_by_learning_rate(0.1)
+        >>> tx.update(torch.ones(2), tx.init(torch.zeros(2)), None)[0]
+        tensor([-0.1000, -0.1000])
+    """
+    alpha = learning_rate(lr)
+    return scale_by_step_size(constant(-1.0) * alpha if flip_sign else alpha)
+
+
+def scale_by_relative_step(warmup_init: bool = False) -> GradientTransformation:
+    """Multiplies updates by Adafactor's relative step ``min(1e-2, 1/√t)`` (see
+    :func:`relative_step`); needs ``hyper["step"]``.
+
+    Example:
+        >>> import torch, afx
+        >>> from afx import transforms as T
+        >>> tx = afx.count_steps(T.scale_by_relative_step(warmup_init=True))
+        >>> tx.update(torch.ones(1), tx.init(torch.zeros(1)), None)[0]
+        tensor([1.0000e-06])
+    """
+    return scale_by_step_size(relative_step(warmup_init))
+
+
+def scale_by_param_rms(eps2: float = 1e-3) -> GradientTransformation:
+    """Multiplies updates by ``max(eps2, RMS(param))`` (Adafactor's ``scale_parameter``).
+
+    Example:
+        >>> import torch
+        >>> from afx import transforms as T
+        >>> tx = T.scale_by_param_rms()
+        >>> tx.update(torch.ones(2), tx.init(torch.zeros(2)), torch.full((2,), 3.0))[0]
+        tensor([3., 3.])
+    """
+    return scale_by_step_size(param_rms(eps2))
