@@ -169,8 +169,8 @@ class Optimizer(torch.optim.Optimizer):
             spec.check(self.option_names.get(name, name), values[name])
 
     # ------------------------------------------------------------------------------ state --
-    def _plan(self, p: Tensor, group: Mapping[str, Any], name: str | None) -> _Plan:
-        static, tx = self._transformation(group)
+    def _plan(self, p: Tensor, static: tuple, tx: GradientTransformation,
+              name: str | None) -> _Plan:
         plan = self._plans.get(p)
         if plan is not None and plan.static == static:
             return plan
@@ -218,10 +218,12 @@ class Optimizer(torch.optim.Optimizer):
         return mirrors
 
     # ------------------------------------------------------------------------------- step --
-    def _check_grads(self) -> list[tuple[int, dict, Tensor]]:
+    def _check_grads(self) -> list[tuple[int, dict, list[Tensor]]]:
+        """Validates every group and gradient; returns each group's parameters with gradients."""
         work = []
         for index, group in enumerate(self.param_groups):
             self._validate_group(group)
+            params = []
             for p in group["params"]:
                 g = p.grad
                 if g is None:
@@ -233,7 +235,8 @@ class Optimizer(torch.optim.Optimizer):
                 if g.shape != p.shape:
                     raise RuntimeError(f"gradient of shape {tuple(g.shape)} for a parameter of "
                                        f"shape {tuple(p.shape)}")
-                work.append((index, group, p))
+                params.append(p)
+            work.append((index, group, params))
         return work
 
     def _param_names(self) -> dict[Tensor, str]:
@@ -258,20 +261,25 @@ class Optimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        # Every check happens before the first parameter or state changes.
+        # Every check, and the creation of new state, happens before the first update.
         work = self._check_grads()
         names = self._param_names()
-        plans = [self._plan(p, group, names.get(p)) for _, group, p in work]
-        for (index, group, p), plan in zip(work, plans):
-            _, tx = self._transformation(group)
-            hyper = self._hyper(index, group, tx, p.device)
-            fn = self._buckets.get(plan.bucket)
-            if fn is None:
-                fn = self._buckets[plan.bucket] = bucket_function(
-                    f"bucket{len(self._buckets)}", self._compile)
-            state = self.state[p]
-            nested = CountState(state["step"], plan.spec.unflatten([state[k] for k in plan.keys]))
-            fn(tx, p, p.grad, nested, hyper)
+        txs = [self._transformation(group) for _, group, _ in work]
+        plans = [[self._plan(p, static, tx, names.get(p)) for p in params]
+                 for (_, _, params), (static, tx) in zip(work, txs)]
+        for (index, group, params), (_, tx), group_plans in zip(work, txs, plans):
+            mirrors: dict[torch.device, dict[str, Tensor]] = {}
+            for p, plan in zip(params, group_plans):
+                hyper = mirrors.get(p.device)
+                if hyper is None:
+                    hyper = mirrors[p.device] = self._hyper(index, group, tx, p.device)
+                fn = self._buckets.get(plan.bucket)
+                if fn is None:
+                    fn = self._buckets[plan.bucket] = bucket_function(
+                        f"bucket{len(self._buckets)}", self._compile)
+                state = self.state[p]
+                inner = plan.spec.unflatten([state[k] for k in plan.keys])
+                fn(tx, p, p.grad, CountState(state["step"], inner), hyper)
         return loss
 
     # ------------------------------------------------------------------------- checkpoint --
