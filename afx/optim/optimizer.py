@@ -38,7 +38,7 @@ def _is_number(value: Any) -> bool:
 
 
 def static_config(group: Mapping[str, Any]) -> tuple:
-    """The part of a param group that shapes the graph: everything but numbers (and params).
+    """The part of a param group that shapes the graph: all but numbers, params and their names.
 
     A number is dynamic; whether it is ``None`` is static (``beta1=None`` means no momentum).
     """
@@ -53,7 +53,8 @@ def static_config(group: Mapping[str, Any]) -> tuple:
             return repr(value)
         return value
 
-    return tuple(sorted((k, freeze(v)) for k, v in group.items() if k != "params"))
+    return tuple(sorted((k, freeze(v)) for k, v in group.items()
+                        if k not in ("params", "param_names")))
 
 
 class Optimizer(torch.optim.Optimizer):

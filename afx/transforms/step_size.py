@@ -50,18 +50,55 @@ class StepSize(NamedTuple):
 
 
 def constant(value: float) -> StepSize:
-    """A fixed factor, baked into the graph (use it for signs, not for tunable numbers)."""
+    """A fixed factor, baked into the graph (use it for signs, not for tunable numbers).
+
+    Args:
+        value: the factor.
+
+    Returns:
+        A :class:`StepSize` without hyperparameters.
+
+    Example:
+        >>> from afx import transforms as T
+        >>> T.constant(-1.0).fn(None, {})
+        -1.0
+    """
     return StepSize(lambda p, h: value, hyperparams())
 
 
 def learning_rate(lr: float = 1e-3) -> StepSize:
-    """The learning rate, hyperparameter ``"lr"`` (≥ 0)."""
+    """The learning rate as a step size.
+
+    Args:
+        lr: default of hyperparameter ``"lr"`` (≥ 0).
+
+    Returns:
+        A :class:`StepSize` reading ``hyper["lr"]``.
+
+    Example:
+        >>> import torch
+        >>> from afx import transforms as T
+        >>> T.learning_rate(0.1).fn(None, {"lr": torch.tensor(0.5)})
+        tensor(0.5000)
+    """
     return StepSize(lambda p, h: hyper_value(h, "lr", lr), hyperparams(lr=NON_NEGATIVE._replace(
         default=lr)))
 
 
 def relative_step(warmup_init: bool = False) -> StepSize:
     """Adafactor's relative step ``ρ_t = min(1e-2, 1/√t)``, or ``min(1e-6·t, 1/√t)`` with warmup.
+
+    Args:
+        warmup_init: grow the cap linearly from ``1e-6`` instead of a constant ``1e-2``.
+
+    Returns:
+        A :class:`StepSize` reading ``hyper["step"]``.
+
+    Example:
+        >>> import torch
+        >>> from afx import transforms as T
+        >>> T.relative_step().fn(None, {"step": torch.tensor(400.0)})
+        tensor(0.0100)
 
     References:
         Shazeer & Stern, "Adafactor: Adaptive Learning Rates with Sublinear Memory Cost", 2018.
@@ -76,7 +113,19 @@ def relative_step(warmup_init: bool = False) -> StepSize:
 
 
 def param_rms(eps2: float = 1e-3) -> StepSize:
-    """Adafactor's parameter scale ``max(eps2, RMS(param))``, hyperparameter ``"eps2"`` (≥ 0).
+    """Adafactor's parameter scale ``max(eps2, RMS(param))``.
+
+    Args:
+        eps2: default of hyperparameter ``"eps2"`` (≥ 0), the floor for near-zero parameters.
+
+    Returns:
+        A :class:`StepSize` of the parameter.
+
+    Example:
+        >>> import torch
+        >>> from afx import transforms as T
+        >>> T.param_rms().fn(torch.tensor([3.0, 4.0]), {})
+        tensor(3.5355)
 
     References:
         Shazeer & Stern, "Adafactor: Adaptive Learning Rates with Sublinear Memory Cost", 2018.
