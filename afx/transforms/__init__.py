@@ -3,6 +3,7 @@
 from afx.transforms.clipping import clip_by_rms
 from afx.transforms.factored_rms import FactoredRmsState, RmsState, scale_by_factored_rms
 from afx.transforms.momentum import EmaState, ema
+from afx.transforms.quantize import quantize_state
 from afx.transforms.step_size import (
     StepSize,
     constant,
@@ -28,6 +29,7 @@ __all__ = [
     "ema",
     "learning_rate",
     "param_rms",
+    "quantize_state",
     "relative_step",
     "scale",
     "scale_by_factored_rms",
