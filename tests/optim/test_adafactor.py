@@ -7,7 +7,7 @@ import itertools
 
 import pytest
 import torch
-from conftest import Tiny, batches, max_rel_diff, replicas, train
+from afx_testing import Tiny, batches, max_rel_diff, replicas, train
 from transformers.optimization import Adafactor as HFAdafactor
 
 import afx

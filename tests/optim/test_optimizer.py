@@ -7,7 +7,7 @@ import io
 
 import pytest
 import torch
-from conftest import Tiny, batches, max_rel_diff, train
+from afx_testing import Tiny, batches, max_rel_diff, train
 from torch._dynamo.utils import counters
 
 import afx

@@ -1,0 +1,58 @@
+"""Shared test helpers: a tiny model with 0-d, 1-D, 2-D and 4-D parameters, training loops."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+
+import torch
+
+torch.set_num_threads(max(1, torch.get_num_threads()))
+
+
+class Tiny(torch.nn.Module):
+    """A model whose parameters cover the shapes Adafactor treats differently."""
+
+    def __init__(self, dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.scalar = torch.nn.Parameter(torch.randn((), generator=g, dtype=dtype))
+        self.bias = torch.nn.Parameter(torch.randn(7, generator=g).to(dtype))
+        self.weight = torch.nn.Parameter(torch.randn(6, 5, generator=g).to(dtype))
+        self.kernel = torch.nn.Parameter(0.5 * torch.randn(3, 2, 4, 5, generator=g).to(dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.weight.dtype)
+        return ((self.scalar * x).sum() + (self.bias * x[:7]).sum()
+                + (self.weight @ x[:5]).square().sum() + (self.kernel * x[:5]).pow(3).mean())
+
+
+def batches(steps: int, seed: int = 1) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(8, generator=g) for _ in range(steps)]
+
+
+def train(models: list[torch.nn.Module], opt: torch.optim.Optimizer, data: list[torch.Tensor],
+          on_step: Callable[[int], None] | None = None) -> None:
+    """Trains every model in ``models`` (all in ``opt``) on the same batches."""
+    for i, x in enumerate(data):
+        opt.zero_grad()
+        for m in models:
+            m(x).float().backward()
+        opt.step()
+        if on_step is not None:
+            on_step(i)
+
+
+def max_rel_diff(a: torch.nn.Module | list, b: torch.nn.Module | list) -> float:
+    """Max over tensors of max|a − b| / max|b| (relative to each tensor's scale)."""
+    ta = list(a.parameters()) if isinstance(a, torch.nn.Module) else list(a)
+    tb = list(b.parameters()) if isinstance(b, torch.nn.Module) else list(b)
+    assert len(ta) == len(tb)
+    return max(((x.float() - y.float()).abs().max() / y.float().abs().max().clamp_min(1e-30)).item()
+               for x, y in zip(ta, tb))
+
+
+def replicas(n: int, dtype: torch.dtype = torch.float32) -> list[Tiny]:
+    base = Tiny(dtype)
+    return [copy.deepcopy(base) for _ in range(n)]
