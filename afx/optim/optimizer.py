@@ -33,6 +33,12 @@ def _init(tx: GradientTransformation, param: Tensor, name: str | None) -> CountS
         return tx.init(param)
 
 
+def _template(tx: GradientTransformation, p: Tensor,
+              name: str | None) -> tuple[dict[str, Tensor], optree.PyTreeSpec]:
+    """The flat state ``tx`` would create for ``p`` (on the meta device: shapes, no memory)."""
+    return flatten_state(_init(tx, torch.empty_like(p, device="meta"), name).inner)
+
+
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float, Tensor)) and not isinstance(value, bool)
 
@@ -175,7 +181,7 @@ class Optimizer(torch.optim.Optimizer):
         plan = self._plans.get(p)
         if plan is not None and plan.static == static:
             return plan
-        flat, spec = flatten_state(_init(tx, torch.empty_like(p, device="meta"), name).inner)
+        flat, spec = _template(tx, p, name)
         keys = tuple(self.state_key_names.get(k, k) for k in flat)
         layout = tuple((k, tuple(t.shape), t.dtype) for k, t in zip(keys, flat.values()))
         bucket = (static, str(spec), layout, tuple(p.shape), p.dtype, p.device)
@@ -318,8 +324,7 @@ class Optimizer(torch.optim.Optimizer):
                 if not self.state.get(p):
                     continue
                 _, tx = self._transformation(group)
-                template = _init(tx, torch.empty_like(p, device="meta"), names.get(p))
-                flat, _ = flatten_state(template.inner)
+                flat, _ = _template(tx, p, names.get(p))
                 state = self.state[p]
                 for key, expected in zip(flat, flat.values()):
                     key = self.state_key_names.get(key, key)

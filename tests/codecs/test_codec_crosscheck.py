@@ -72,6 +72,16 @@ def compare(name: str, ref: Reference, x: torch.Tensor, block: int,
     return n_equal, codes.numel()
 
 
+def compare_cases(name: str, ref: Reference, make, seed: int) -> None:
+    """Runs :func:`compare` over every (size, block) case and reports the counts."""
+    g = torch.Generator().manual_seed(seed)
+    equal = total = 0
+    for n, block in CASES:
+        e, t = compare(name, ref, make(n, g), block)
+        equal, total = equal + e, total + t
+    print(f"{name}: {equal}/{total} stored code units equal (bytes for 4-bit codes)")
+
+
 # ---------------------------------------------------------------------------------------------
 # Inputs
 
@@ -106,12 +116,7 @@ def test_codes_statistics_and_values_equal_adafactor8bit_046(
     """afx matches 0.4.6's CPU quantize/dequantize bitwise on structured random inputs."""
     ref = reference(name, a8_046, None)
     make = second_moment_like if name.startswith("al") else momentum_like
-    g = torch.Generator().manual_seed(7)
-    equal = total = 0
-    for n, block in CASES:
-        e, t = compare(name, ref, make(n, g), block)
-        equal, total = equal + e, total + t
-    print(f"{name}: {equal}/{total} stored code units equal (bytes for 4-bit codes)")
+    compare_cases(name, ref, make, seed=7)
 
 
 @pytest.mark.parametrize("name", ["log8", "s4"])
@@ -120,12 +125,7 @@ def test_codes_statistics_and_values_equal_adafactor8bit_022(
     """afx matches 0.2.2's CPU log8 and 4-bit quantizers bitwise on structured random inputs."""
     ref = reference(name, None, a8_022)
     make = second_moment_like if name == "log8" else momentum_like
-    g = torch.Generator().manual_seed(8)
-    equal = total = 0
-    for n, block in CASES:
-        e, t = compare(name, ref, make(n, g), block)
-        equal, total = equal + e, total + t
-    print(f"{name}: {equal}/{total} stored code units equal (bytes for 4-bit codes)")
+    compare_cases(name, ref, make, seed=8)
 
 
 @pytest.mark.parametrize("floor_log2", [-60.0, -20.0, 0.5])
