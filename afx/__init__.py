@@ -17,12 +17,13 @@ from afx.base import (
     stateless,
 )
 from afx.combine import Skipped, chain, masked, named_chain, partition, rename_hyperparams
-from afx.optim import Adafactor
+from afx.optim import Adafactor, Adafactor8Bit
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Adafactor",
+    "Adafactor8Bit",
     "CountState",
     "EmptyState",
     "GradientTransformation",

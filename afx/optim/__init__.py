@@ -1,6 +1,7 @@
 """torch.optim adapters: the generic :class:`Optimizer` and the prepackaged optimizers."""
 
 from afx.optim.adafactor import Adafactor, adafactor
+from afx.optim.adafactor8bit import Adafactor8Bit, adafactor8bit
 from afx.optim.optimizer import Optimizer
 
-__all__ = ["Adafactor", "Optimizer", "adafactor"]
+__all__ = ["Adafactor", "Adafactor8Bit", "Optimizer", "adafactor", "adafactor8bit"]

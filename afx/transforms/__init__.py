@@ -3,10 +3,14 @@
 from afx.transforms.clipping import clip_by_rms
 from afx.transforms.factored_rms import FactoredRmsState, RmsState, scale_by_factored_rms
 from afx.transforms.momentum import EmaState, ema
+from afx.transforms.preconditioner import MomentumState, preconditioner
 from afx.transforms.quantize import quantize_state
+from afx.transforms.rms import SecondMomentState, scale_by_rms
 from afx.transforms.step_size import (
     StepSize,
+    adam_bias_correction,
     constant,
+    heavy_ball,
     learning_rate,
     param_rms,
     relative_step,
@@ -21,14 +25,19 @@ from afx.transforms.weight_decay import add_decayed_weights
 __all__ = [
     "EmaState",
     "FactoredRmsState",
+    "MomentumState",
     "RmsState",
+    "SecondMomentState",
     "StepSize",
+    "adam_bias_correction",
     "add_decayed_weights",
     "clip_by_rms",
     "constant",
     "ema",
+    "heavy_ball",
     "learning_rate",
     "param_rms",
+    "preconditioner",
     "quantize_state",
     "relative_step",
     "scale",
@@ -36,5 +45,6 @@ __all__ = [
     "scale_by_learning_rate",
     "scale_by_param_rms",
     "scale_by_relative_step",
+    "scale_by_rms",
     "scale_by_step_size",
 ]

@@ -13,12 +13,13 @@ from afx.base import (
     Hyperparam,
     hyper_value,
     hyperparams,
-    per_leaf,
     step_count,
 )
 from afx.numerics import fp32_zeros
+from afx.transforms.preconditioner import preconditioner
 
 Tensor = torch.Tensor
+FLT_MIN = torch.finfo(torch.float32).tiny
 
 
 class FactoredRmsState(NamedTuple):
@@ -46,6 +47,8 @@ def scale_by_factored_rms(
     beta2: float | None = None,
     factored: bool = True,
     bias_correction: bool = False,
+    momentum: bool = False,
+    beta1: float = 0.9,
 ) -> GradientTransformation:
     """Divides updates by Adafactor's estimate of the root mean square of the gradient.
 
@@ -53,10 +56,14 @@ def scale_by_factored_rms(
 
     * tensors with at least two dims (if ``factored``), shape ``(..., R, C)``:
       ``R_t = (1 − w_t) R_{t−1} + w_t mean_C(G)``, ``C_t = (1 − w_t) C_{t−1} + w_t mean_R(G)``,
-      ``V̂ = R_t C_tᵀ / mean(R_t)`` (leading dims are independent batches);
-    * other tensors: ``V_t = (1 − w_t) V_{t−1} + w_t G``, ``V̂ = V_t``;
-    * output ``u = g / √V̂``; with ``bias_correction`` (fixed ``beta2`` only) ``V̂`` is divided
-      by ``1 − beta2^t``.
+      ``V̂ = R_t C_tᵀ / max(mean(R_t), eps1)`` (leading dims are independent batches);
+    * other tensors: ``V_t = (1 − w_t) V_{t−1} + w_t G``, ``V̂ = max(V_t, eps1², 2^-126)``;
+    * output ``u = g / √V̂`` (or ``m / √V̂`` with Adam-style ``momentum``, ``m`` the EMA of ``g``
+      with ``beta1``); with ``bias_correction`` (fixed ``beta2`` only) ``V̂`` is divided by
+      ``1 − beta2^t``.
+
+    The two floors only act where ``eps1`` is below the float32 range or zero; with
+    transformers' default they never change a value.
 
     Args:
         decay_rate: exponent ``c ≤ 0`` of the schedule ``w_t = t^c`` (hyperparameter
@@ -66,6 +73,8 @@ def scale_by_factored_rms(
             schedule.
         factored: factor tensors with two or more dims; ``False`` keeps a full ``V`` for all.
         bias_correction: divide by ``1 − beta2^t`` (needs ``beta2``).
+        momentum: precondition an EMA of the gradient (adafactor8bit's factored momentum).
+        beta1: default of hyperparameter ``"beta1"`` when ``momentum``.
 
     Returns:
         The transformation; needs ``hyper["step"]`` (see :func:`afx.count_steps`).
@@ -90,32 +99,32 @@ def scale_by_factored_rms(
     else:
         specs["beta2"] = Hyperparam(beta2, 0.0, 1.0, high_inclusive=False)
 
-    def is_factored(p: Tensor) -> bool:
-        return factored and p.ndim >= 2
-
     def init_leaf(p: Tensor):
-        if is_factored(p):
+        if factored and p.ndim >= 2:
             return FactoredRmsState(fp32_zeros(p.shape[:-1], p),
                                     fp32_zeros(p.shape[:-2] + p.shape[-1:], p))
         return RmsState(fp32_zeros(p.shape, p))
 
-    def update_leaf(g: Tensor, state, p: Tensor | None, hyper: Hyper | None):
+    def inverse_leaf(g: Tensor, state, p: Tensor | None, hyper: Hyper | None):
         t = step_count(hyper)
         if beta2 is None:
             weight = t ** hyper_value(hyper, "decay_rate", decay_rate)
         else:
             weight = 1.0 - hyper_value(hyper, "beta2", beta2)
-        g = g.float()
-        sq = g.square() + hyper_value(hyper, "eps1", eps1)
+        e1 = hyper_value(hyper, "eps1", eps1)
+        sq = g.square() + e1
         correction = 1.0 - (1.0 - weight) ** t if bias_correction else None
         if isinstance(state, FactoredRmsState):
             v_row = torch.lerp(state.v_row, sq.mean(dim=-1), weight)
             v_col = torch.lerp(state.v_col, sq.mean(dim=-2), weight)
             col = v_col if correction is None else v_col / correction
-            row_factor = (v_row / v_row.mean(dim=-1, keepdim=True)).rsqrt().unsqueeze(-1)
-            return g * row_factor * col.rsqrt().unsqueeze(-2), FactoredRmsState(v_row, v_col)
+            row_mean = torch.clamp(v_row.mean(dim=-1, keepdim=True), min=e1)
+            inv = (v_row / row_mean).rsqrt().unsqueeze(-1) * col.rsqrt().unsqueeze(-2)
+            return inv, FactoredRmsState(v_row, v_col)
         v = torch.lerp(state.v, sq, weight)
         v_hat = v if correction is None else v / correction
-        return g * v_hat.rsqrt(), RmsState(v)
+        floor = torch.clamp(torch.as_tensor(e1) ** 2, min=FLT_MIN)
+        return torch.maximum(v_hat, floor).rsqrt(), RmsState(v)
 
-    return per_leaf(init_leaf, update_leaf, hyperparams(**specs))
+    return preconditioner(init_leaf, inverse_leaf, hyperparams(**specs), momentum=momentum,
+                          beta1=beta1)

@@ -45,9 +45,11 @@ def quantize_state(inner: GradientTransformation, fields: Mapping[str, FieldSpec
 
     Per parameter: ``decode → inner.update → encode``, all in the caller's graph, so under the
     compiled optimizer no float32 copy of a quantized state outlives the step. Whether a field
-    is stored encoded is decided at ``init`` from that state tensor's own size: only states with
-    at least ``min_numel`` elements whose encoded form is smaller than float32 are encoded (a
-    64-element row statistic is never padded into a 256-byte block).
+    is stored encoded is decided at ``init``: the parameter must have at least ``min_numel``
+    elements (adafactor8bit's ``min_8bit_size``), and the state's own encoded form must be
+    smaller than its float32 form. A state shorter than a block gets one block of its own
+    length (rounded up to even), which gives the same codes as a zero-padded block without
+    storing the padding: a 64-element row statistic never costs a 2048-byte block.
 
     Args:
         inner: the transformation whose state to store; applied one parameter at a time.
@@ -55,7 +57,7 @@ def quantize_state(inner: GradientTransformation, fields: Mapping[str, FieldSpec
             block size)``; e.g. ``{"v": "al8", "m": "uf8"}``. Fields of any NamedTuple in the
             state with these names are stored encoded.
         block_size: default number of elements per block of statistics.
-        min_numel: smallest state (in elements) worth encoding.
+        min_numel: parameters with fewer elements keep all their states in float32.
 
     Returns:
         The transformation; an encoded field holds the codec's NamedTuple (e.g. ``codes``,
@@ -67,11 +69,11 @@ def quantize_state(inner: GradientTransformation, fields: Mapping[str, FieldSpec
     Example:
         >>> import torch, afx
         >>> from afx import transforms as T
-        >>> tx = T.quantize_state(T.ema(0.9), {"m": "uf8"}, min_numel=16)
-        >>> state = tx.init(torch.zeros(1024))
+        >>> tx = T.quantize_state(T.ema(0.9), {"m": "uf8"})
+        >>> state = tx.init(torch.zeros(4096))
         >>> type(state.m).__name__, state.m.codes.dtype
         ('AbsmaxEncoded', torch.uint8)
-        >>> u, state = tx.update(torch.ones(1024), state, torch.zeros(1024), {})
+        >>> u, state = tx.update(torch.ones(4096), state, torch.zeros(4096), {})
         >>> round(u[0].item(), 4)
         0.1
     """
@@ -90,18 +92,21 @@ def quantize_state(inner: GradientTransformation, fields: Mapping[str, FieldSpec
             shapes[key] = {name: tuple(t.shape) for name, t in flat.items()}
         return shapes[key]
 
+    def block_of(field: str, numel: int) -> int:
+        return min(codecs[field][1], numel + numel % 2)
+
     def worth_encoding(field: str, x: Tensor) -> bool:
-        codec, block = codecs[field]
-        return x.numel() >= min_numel and codec.nbytes(x.numel(), block) < 4 * x.numel()
+        codec = codecs[field][0]
+        return 0 < x.numel() and codec.nbytes(x.numel(), block_of(field, x.numel())) < 4 * x.numel()
 
     def encode(field: str, x: Tensor) -> Any:
-        codec, block = codecs[field]
-        return codec.encode(x.float(), block)
+        return codecs[field][0].encode(x.float(), block_of(field, x.numel()))
 
     def init_leaf(p: Tensor) -> PyTree:
         template_shapes(p)
+        big_enough = p.numel() >= min_numel
         return _map_fields(inner.init(p), lambda path, f, x: encode(f, x)
-                           if worth_encoding(f, x) else x, codecs)
+                           if big_enough and worth_encoding(f, x) else x, codecs)
 
     def update_leaf(u: Tensor, state: PyTree, p: Tensor | None, hyper: Hyper | None):
         if p is None:

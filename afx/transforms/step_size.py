@@ -85,11 +85,15 @@ def learning_rate(lr: float = 1e-3) -> StepSize:
         default=lr)))
 
 
-def relative_step(warmup_init: bool = False) -> StepSize:
+def relative_step(warmup_init: bool = False, *, capped_by_lr: bool = False,
+                  lr: float = 1e-2) -> StepSize:
     """Adafactor's relative step ``ρ_t = min(1e-2, 1/√t)``, or ``min(1e-6·t, 1/√t)`` with warmup.
 
     Args:
         warmup_init: grow the cap linearly from ``1e-6`` instead of a constant ``1e-2``.
+        capped_by_lr: cap with hyperparameter ``"lr"`` instead: ``min(lr, 1/√t)``
+            (adafactor8bit's relative step).
+        lr: default of ``"lr"`` when ``capped_by_lr``.
 
     Returns:
         A :class:`StepSize` reading ``hyper["step"]``.
@@ -106,9 +110,13 @@ def relative_step(warmup_init: bool = False) -> StepSize:
 
     def fn(p: Tensor | None, hyper: Hyper | None) -> Tensor:
         t = step_count(hyper)
+        if capped_by_lr:
+            return torch.clamp(t.rsqrt(), max=hyper_value(hyper, "lr", lr))
         cap = t * 1e-6 if warmup_init else torch.full_like(t, 1e-2)
         return torch.minimum(cap, t.rsqrt())
 
+    if capped_by_lr:
+        return StepSize(fn, learning_rate(lr).hyperparams)
     return StepSize(fn, hyperparams())
 
 
@@ -137,6 +145,54 @@ def param_rms(eps2: float = 1e-3) -> StepSize:
         return torch.clamp(rms(p), min=hyper_value(hyper, "eps2", eps2))
 
     return StepSize(fn, hyperparams(eps2=NON_NEGATIVE._replace(default=eps2)))
+
+
+def adam_bias_correction(second_moment: bool = True, beta1: float = 0.9,
+                         beta2: float = 0.999) -> StepSize:
+    """Adam's bias correction as a step-size factor: ``√(1 − β₂^t) / (1 − β₁^t)``.
+
+    Args:
+        second_moment: include the ``√(1 − β₂^t)`` factor (``False``: ``1/(1 − β₁^t)`` only,
+            for a second moment that needs no correction).
+        beta1: default of hyperparameter ``"beta1"``.
+        beta2: default of hyperparameter ``"beta2"``.
+
+    Returns:
+        A :class:`StepSize` reading ``hyper["step"]``.
+
+    References:
+        Kingma & Ba, "Adam: A Method for Stochastic Optimization", 2015.
+
+    Example:
+        >>> import torch
+        >>> from afx import transforms as T
+        >>> T.adam_bias_correction(beta1=0.5, beta2=0.75).fn(None, {"step": torch.tensor(1.0)})
+        tensor(1.)
+    """
+    specs = {"beta1": Hyperparam(beta1, 0.0, 1.0, high_inclusive=False)}
+    if second_moment:
+        specs["beta2"] = Hyperparam(beta2, 0.0, 1.0, high_inclusive=False)
+
+    def fn(p: Tensor | None, hyper: Hyper | None) -> Tensor:
+        t = step_count(hyper)
+        factor = 1.0 / (1.0 - hyper_value(hyper, "beta1", beta1) ** t)
+        if second_moment:
+            factor = factor * torch.sqrt(1.0 - hyper_value(hyper, "beta2", beta2) ** t)
+        return factor
+
+    return StepSize(fn, hyperparams(**specs))
+
+
+def heavy_ball(beta1: float = 0.9) -> StepSize:
+    """``1/(1 − β₁)``: turns an EMA of gradients into the heavy-ball sum ``b ← β₁ b + g``.
+
+    Example:
+        >>> from afx import transforms as T
+        >>> T.heavy_ball(0.75).fn(None, {})
+        4.0
+    """
+    return StepSize(lambda p, h: 1.0 / (1.0 - hyper_value(h, "beta1", beta1)),
+                    hyperparams(beta1=Hyperparam(beta1, 0.0, 1.0, high_inclusive=False)))
 
 
 def scale_by_step_size(step_size: StepSize) -> GradientTransformation:

@@ -1,0 +1,277 @@
+"""``afx.Adafactor8Bit``: a drop-in replacement for the ``adafactor8bit`` package's optimizer."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from types import MappingProxyType
+from typing import Any
+
+from afx.base import GradientTransformation
+from afx.combine import named_chain, partition
+from afx.optim.optimizer import Optimizer
+from afx.transforms import (
+    adam_bias_correction,
+    add_decayed_weights,
+    clip_by_rms,
+    ema,
+    heavy_ball,
+    learning_rate,
+    param_rms,
+    quantize_state,
+    relative_step,
+    scale,
+    scale_by_factored_rms,
+    scale_by_rms,
+    scale_by_step_size,
+)
+
+#: adafactor8bit 0.4.6's options and defaults (0.2.2's 25 options are a subset).
+DEFAULTS: Mapping[str, Any] = MappingProxyType(dict(
+    lr=1e-2, beta1=None, beta2=None, beta2_decay=-0.8, beta3=None, eps_came=1e-16,
+    eps=(1e-30, 1e-3), weight_decay=0.0, d=1.0, maximize=False, relative_step=True,
+    scale_parameter=True, factored=True, quantize=True, block_size=2048, m_block_size=256,
+    m_quant_type="uf8", v_quant_type="al8", c_quant_type=None, min_8bit_size=4096,
+    use_cuda_kernel=True, stochastic_round_writeback=False, apollo_rank=0,
+    apollo_update_proj_gap=200, apollo_scale_type="channel", apollo_scale=1.0,
+    apollo_scale_front=False, apollo_eps=1e-6, apollo_factorize=False, apollo_cache_proj=False,
+    enable_fira_for_apollo=True, scale_weight_decay=True, enable_fira_for_adafactor=False,
+    fira_margin=0.01, lag_norm=False, momentum_only_1d=None, bias_correction=None,
+    warmup_multiplier=0.0,
+))
+
+M_TYPES = ("uf4", "uf8", "d4", "d8", "fp32")
+V_TYPES = ("al8", "al16", "fp32")
+
+# Options whose algorithms land with CAME/APOLLO/Fira/stochastic rounding; until then a group
+# that switches one on is refused rather than silently run without it.
+_NOT_YET = {"beta3": None, "apollo_rank": 0, "enable_fira_for_adafactor": False,
+            "stochastic_round_writeback": False}
+
+
+def _fail(option: str, value: Any, rule: str) -> None:
+    raise ValueError(f"Invalid {option}: {value!r} ({rule})")
+
+
+def check_options(group: Mapping[str, Any]) -> None:
+    """Validates one param group's options like adafactor8bit 0.4.6 validates its constructor.
+
+    afx applies the checks to every group (the package checks only constructor arguments).
+    Numeric ranges of the schedulable hyperparameters (``lr``, betas, ``eps``, ``d``,
+    ``weight_decay``) are checked by the adapter on every step as well.
+
+    Raises:
+        ValueError: naming the option and its value.
+        NotImplementedError: for options whose algorithm afx does not provide yet.
+    """
+    sgd = group["beta2"] is None and group["beta2_decay"] is None
+    if group["beta2_decay"] is not None and group["beta2_decay"] > 0:
+        _fail("beta2_decay", group["beta2_decay"], "must be <= 0, or None")
+    if sgd and group["relative_step"]:
+        _fail("relative_step", True, "must be False when beta2 and beta2_decay are both None "
+              "(SGD mode has no second moment to normalise the relative step)")
+    if sgd and group["apollo_rank"] > 0:
+        _fail("apollo_rank", group["apollo_rank"], "APOLLO needs a second moment: set beta2 "
+              "or beta2_decay")
+    if sgd and group["beta3"] is not None:
+        _fail("beta3", group["beta3"], "CAME needs both beta1 and a second moment")
+    eps = group["eps"]
+    if not isinstance(eps, (tuple, list)) or len(eps) != 2:
+        _fail("eps", eps, "expected a pair (eps1, eps2)")
+    for key, name in (("quantize", "quantize"), ("factored", "factored"),
+                      ("relative_step", "relative_step"), ("maximize", "maximize"),
+                      ("scale_parameter", "scale_parameter"),
+                      ("scale_weight_decay", "scale_weight_decay")):
+        if not isinstance(group[key], bool):
+            _fail(name, group[key], "expected True or False")
+    if group["quantize"]:
+        bs = group["block_size"]
+        if not isinstance(bs, int) or bs < 128 or bs % 128:
+            _fail("block_size", bs, "must be a multiple of 128, at least 128")
+    mbs = group["m_block_size"]
+    if not isinstance(mbs, int) or mbs < 32 or mbs % 4:
+        _fail("m_block_size", mbs, "must be a multiple of 4, at least 32")
+    if group["m_quant_type"] not in M_TYPES:
+        _fail("m_quant_type", group["m_quant_type"], f"one of {M_TYPES}")
+    if group["v_quant_type"] not in V_TYPES:
+        _fail("v_quant_type", group["v_quant_type"], f"one of {V_TYPES}")
+    if group["c_quant_type"] not in (None, *V_TYPES):
+        _fail("c_quant_type", group["c_quant_type"], f"None or one of {V_TYPES}")
+    if not isinstance(group["min_8bit_size"], int) or group["min_8bit_size"] < 0:
+        _fail("min_8bit_size", group["min_8bit_size"], "must be an int >= 0")
+    if group["apollo_rank"] > 0 and group["apollo_scale_type"] not in ("channel", "tensor"):
+        _fail("apollo_scale_type", group["apollo_scale_type"], "'channel' or 'tensor'")
+    if group["apollo_scale"] < 0:
+        _fail("apollo_scale", group["apollo_scale"], "must be >= 0")
+    if group["fira_margin"] < 0:
+        _fail("fira_margin", group["fira_margin"], "must be >= 0")
+    for option in ("momentum_only_1d", "bias_correction"):
+        if group[option] not in (None, True, False):
+            _fail(option, group[option], "None, True or False")
+    if group["beta3"] is not None:
+        if not 0.0 <= group["beta3"] < 1.0:
+            _fail("beta3", group["beta3"], "must be in [0, 1)")
+        if group["beta1"] is None:
+            _fail("beta3", group["beta3"], "CAME (beta3) needs momentum: set beta1")
+        if group["apollo_rank"] == 0 and not group["factored"]:
+            _fail("beta3", group["beta3"], "CAME (beta3) needs factored=True without APOLLO")
+    for option, off in _NOT_YET.items():
+        if group[option] != off:
+            raise NotImplementedError(
+                f"{option}={group[option]!r} is not implemented in afx yet (CAME, APOLLO, "
+                "Fira and stochastic rounding are a separate work item); "
+                f"use {option}={off!r}")
+
+
+def adafactor8bit(group: Mapping[str, Any]) -> GradientTransformation:
+    """The chain adafactor8bit 0.4.6 runs for one param group.
+
+    Per parameter, with ``ρ_t = min(lr, 1/√t)`` (``relative_step``) or ``lr``, the step size
+    ``α_t = ρ_t · max(eps2, RMS(p))`` (``scale_parameter``) times Adam's bias correction where
+    it applies, and ``D = max(1, RMS(u)/d)`` (``d = 0``: no clipping):
+
+    * factored path (≥2-D, ``factored``): ``u = M / √V̂`` (``M`` the EMA of ``g`` with
+      ``beta1``, else ``g``), ``V̂`` Adafactor's factored estimate, weights ``t^beta2_decay``
+      or ``1 − beta2``; ``p ← p − α u / D − w λ p``;
+    * element-wise path: Adafactor's ``V`` (``g² + eps1`` averaged, floored), or in Adam mode
+      (``factored=False`` with a fixed ``beta2``) ``1/(√V + eps1)``; momentum either
+      Adafactor-style (EMA of the clipped normalised gradient, no final clip; default outside
+      Adam mode) or Adam-style;
+    * SGD mode (``beta2 = beta2_decay = None``): ``u = g`` or the heavy-ball buffer.
+
+    ``w`` is ``α_t`` (``scale_weight_decay``) or ``ρ_t``. Second-moment and momentum states are
+    stored in ``v_quant_type`` / ``m_quant_type`` when ``quantize`` and the parameter has at
+    least ``min_8bit_size`` elements (and the encoded state is smaller than float32).
+
+    Args:
+        group: a param group with adafactor8bit's options.
+
+    Returns:
+        The chain, routed per parameter by shape.
+
+    References:
+        Shazeer & Stern, "Adafactor", 2018; Kingma & Ba, "Adam", 2015; Dettmers et al.,
+        "8-bit Optimizers via Block-wise Quantization", 2022.
+
+    Example:
+        >>> import afx
+        >>> from afx.optim.adafactor8bit import DEFAULTS, adafactor8bit
+        >>> sorted(adafactor8bit(dict(DEFAULTS)).hyperparams)
+        ['clip_threshold', 'decay_rate', 'eps1', 'eps2', 'lr', 'weight_decay']
+    """
+    check_options(group)
+    beta1, beta2 = group["beta1"], group["beta2"]
+    sgd = beta2 is None and group["beta2_decay"] is None
+    adam_mode = not group["factored"] and beta2 is not None
+    bias_correction = adam_mode if group["bias_correction"] is None else group["bias_correction"]
+    corrected = beta1 is not None and not group["relative_step"] and not sgd and bias_correction
+    momentum_only = (not adam_mode if group["momentum_only_1d"] is None
+                     else group["momentum_only_1d"])
+    eps1 = 1e-30 if group["eps"][0] is None else group["eps"][0]
+
+    rho = (relative_step(capped_by_lr=True, lr=group["lr"]) if group["relative_step"]
+           else learning_rate(group["lr"]))
+    alpha = rho * param_rms(group["eps"][1]) if group["scale_parameter"] else rho
+    if corrected:
+        alpha = alpha * adam_bias_correction(beta2 is not None, beta1, beta2 or 0.999)
+    decay_step = alpha if group["scale_weight_decay"] else rho
+    second = dict(decay_rate=group["beta2_decay"] or -0.8, eps1=eps1, beta2=beta2,
+                  beta1=beta1 or 0.9)
+
+    def route(second_moment: GradientTransformation | None, adafactor_momentum: bool,
+              heavy: bool = False) -> GradientTransformation:
+        parts = [("maximize", scale(-1.0))] if group["maximize"] else []
+        if heavy:
+            parts.append(("momentum", ema(beta1)))
+            parts.append(("heavy_ball", scale_by_step_size(heavy_ball(beta1))))
+        if second_moment is not None:
+            parts.append(("second_moment", second_moment))
+        parts.append(("clip", clip_by_rms(group["d"])))
+        if adafactor_momentum:
+            parts.append(("momentum", ema(beta1)))
+        parts += [("step_size", scale_by_step_size(alpha)),
+                  ("weight_decay", add_decayed_weights(group["weight_decay"], decay_step)),
+                  ("descent", scale(-1.0))]
+        return _quantized(named_chain(*parts), group)
+
+    if sgd:
+        routes = {"sgd": route(None, False, heavy=beta1 is not None)}
+    else:
+        inner_momentum = beta1 is not None and not momentum_only
+        if adam_mode:
+            elementwise = scale_by_rms(beta2, eps1, eps_correction=corrected,
+                                       momentum=inner_momentum, beta1=second["beta1"])
+        else:
+            elementwise = scale_by_factored_rms(second["decay_rate"], eps1, beta2=beta2,
+                                                factored=False, momentum=inner_momentum,
+                                                beta1=second["beta1"])
+        routes = {
+            "factored": route(scale_by_factored_rms(
+                second["decay_rate"], eps1, beta2=beta2, momentum=beta1 is not None,
+                beta1=second["beta1"]), False),
+            "elementwise": route(elementwise, beta1 is not None and momentum_only),
+        }
+    factored = group["factored"] and not sgd
+    return partition(routes, lambda name, p: "sgd" if sgd else
+                     "factored" if factored and p.ndim >= 2 else "elementwise")
+
+
+def _quantized(tx: GradientTransformation, group: Mapping[str, Any]) -> GradientTransformation:
+    if not group["quantize"]:
+        return tx
+    fields: dict[str, tuple[str, int]] = {}
+    if group["v_quant_type"] != "fp32":
+        for name in ("v_row", "v_col", "v"):
+            fields[name] = (group["v_quant_type"], group["block_size"])
+    if group["m_quant_type"] != "fp32":
+        fields["m"] = (group["m_quant_type"], group["m_block_size"])
+    return quantize_state(tx, fields, min_numel=group["min_8bit_size"]) if fields else tx
+
+
+class Adafactor8Bit(Optimizer):
+    """adafactor8bit's ``Adafactor8Bit`` (0.4.6 options; 0.2.2 code runs unchanged), compiled.
+
+    Every option of the package's constructor is accepted and can be overridden per param
+    group; options are validated for every group, before any state or parameter changes.
+    ``use_cuda_kernel``, ``lag_norm`` and ``warmup_multiplier`` are accepted and have no
+    effect: afx runs its compiled chain on every device. CAME (``beta3``), APOLLO
+    (``apollo_rank``), Fira (``enable_fira_for_adafactor``) and stochastic rounding are not
+    implemented yet and raise ``NotImplementedError`` when switched on.
+
+    Differences from the package (see the README): states are quantized by their own size (a
+    short factored vector is never padded to a full block; small parameters keep float32
+    states as in the package), weight decay is applied as ``p − wλp`` instead of
+    ``p · fl(1 − wλ)``, and the block-size / m_block-size divisibility rule of the package's
+    CUDA kernel is not required.
+
+    Args:
+        params: parameters or param groups.
+        compile: see :class:`afx.optim.Optimizer`.
+        **options: adafactor8bit's options (see :data:`DEFAULTS` for names and defaults).
+
+    References:
+        Shazeer & Stern, "Adafactor", 2018; Dettmers et al., "8-bit Optimizers via Block-wise
+        Quantization", 2022.
+
+    Example:
+        >>> import torch, afx
+        >>> model = torch.nn.Linear(128, 64)
+        >>> opt = afx.Adafactor8Bit(model.parameters(), beta1=0.9, compile=False)
+        >>> model(torch.randn(4, 128)).sum().backward()
+        >>> opt.step()
+        >>> opt.state[model.weight]["factored.second_moment.m.codes"].dtype
+        torch.uint8
+    """
+
+    option_names = MappingProxyType({"eps1": "eps[0]", "eps2": "eps[1]", "decay_rate":
+                                     "beta2_decay", "clip_threshold": "d"})
+
+    def __init__(self, params: Iterable, *, compile: bool | dict = True, **options: Any) -> None:
+        unknown = sorted(set(options) - set(DEFAULTS))
+        if unknown:
+            raise TypeError(f"Adafactor8Bit got unknown options {unknown}")
+        super().__init__(params, adafactor8bit, compile=compile, **{**DEFAULTS, **options})
+
+    def hyper_values(self, group: Mapping[str, Any]) -> Mapping[str, Any]:
+        eps1, eps2 = group["eps"]
+        return {**group, "eps1": 1e-30 if eps1 is None else eps1, "eps2": eps2,
+                "decay_rate": group["beta2_decay"], "clip_threshold": group["d"]}
