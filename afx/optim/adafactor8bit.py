@@ -174,8 +174,9 @@ def adafactor8bit(group: Mapping[str, Any]) -> GradientTransformation:
     if corrected:
         alpha = alpha * adam_bias_correction(beta2 is not None, beta1, beta2 or 0.999)
     decay_step = alpha if group["scale_weight_decay"] else rho
-    second = dict(decay_rate=group["beta2_decay"] or -0.8, eps1=eps1, beta2=beta2,
-                  beta1=beta1 or 0.9)
+    # Defaults of hyperparameters the graph reads from the group anyway; None means "unused".
+    decay_rate = -0.8 if group["beta2_decay"] is None else group["beta2_decay"]
+    beta1_default = 0.9 if beta1 is None else beta1
 
     def route(second_moment: GradientTransformation | None, adafactor_momentum: bool,
               heavy: bool = False) -> GradientTransformation:
@@ -199,15 +200,15 @@ def adafactor8bit(group: Mapping[str, Any]) -> GradientTransformation:
         inner_momentum = beta1 is not None and not momentum_only
         if adam_mode:
             elementwise = scale_by_rms(beta2, eps1, eps_correction=corrected,
-                                       momentum=inner_momentum, beta1=second["beta1"])
+                                       momentum=inner_momentum, beta1=beta1_default)
         else:
-            elementwise = scale_by_factored_rms(second["decay_rate"], eps1, beta2=beta2,
+            elementwise = scale_by_factored_rms(decay_rate, eps1, beta2=beta2,
                                                 factored=False, momentum=inner_momentum,
-                                                beta1=second["beta1"])
+                                                beta1=beta1_default)
         routes = {
             "factored": route(scale_by_factored_rms(
-                second["decay_rate"], eps1, beta2=beta2, momentum=beta1 is not None,
-                beta1=second["beta1"]), False),
+                decay_rate, eps1, beta2=beta2, momentum=beta1 is not None,
+                beta1=beta1_default), False),
             "elementwise": route(elementwise, beta1 is not None and momentum_only),
         }
     factored = group["factored"] and not sgd

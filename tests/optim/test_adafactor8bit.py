@@ -23,7 +23,7 @@ CONFIGS = {
     "sgd": dict(beta1=0.9, beta2=None, beta2_decay=None, relative_step=False, factored=False,
                 scale_parameter=False, d=0.0),
     "bias_corrected": dict(beta1=0.9, relative_step=False, bias_correction=True,
-                           weight_decay=0.1, maximize=False),
+                           weight_decay=0.1),
 }
 
 
@@ -228,3 +228,18 @@ def test_weight_decay_is_more_exact_than_the_package() -> None:
             opt.step()
         errors.append((p.detach().double() - exact).abs().mean().item())
     assert errors[1] * 4 <= errors[0]
+
+
+def test_maximize_equals_minimizing_the_negated_loss() -> None:
+    """maximize=True on L takes the same steps as maximize=False on −L."""
+    data = [torch.randn(16, 96, generator=torch.Generator().manual_seed(i)) for i in range(5)]
+    results = []
+    for maximize, sign in ((True, 1.0), (False, -1.0)):
+        model = Net()
+        opt = afx.Adafactor8Bit(model.parameters(), beta1=0.9, maximize=maximize, compile=False)
+        for x in data:
+            opt.zero_grad()
+            (sign * model(x)).backward()
+            opt.step()
+        results.append(model)
+    assert rel_diff(results[0], results[1]) == 0.0
