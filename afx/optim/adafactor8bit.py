@@ -14,6 +14,7 @@ from afx.transforms import (
     add_decayed_weights,
     clip_by_rms,
     ema,
+    fira_limit,
     heavy_ball,
     learning_rate,
     param_rms,
@@ -44,8 +45,7 @@ V_TYPES = ("al8", "al16", "fp32")
 
 # Options whose algorithms land with CAME/APOLLO/Fira/stochastic rounding; until then a group
 # that switches one on is refused rather than silently run without it.
-_NOT_YET = {"beta3": None, "apollo_rank": 0, "enable_fira_for_adafactor": False,
-            "stochastic_round_writeback": False}
+_NOT_YET = {"beta3": None, "apollo_rank": 0, "stochastic_round_writeback": False}
 
 
 def _fail(option: str, value: Any, rule: str) -> None:
@@ -117,8 +117,8 @@ def check_options(group: Mapping[str, Any]) -> None:
     for option, off in _NOT_YET.items():
         if group[option] != off:
             raise NotImplementedError(
-                f"{option}={group[option]!r} is not implemented in afx yet (CAME, APOLLO, "
-                "Fira and stochastic rounding are a separate work item); "
+                f"{option}={group[option]!r} is not implemented in afx yet (CAME, APOLLO "
+                "and stochastic rounding are a separate work item); "
                 f"use {option}={off!r}")
 
 
@@ -138,7 +138,9 @@ def adafactor8bit(group: Mapping[str, Any]) -> GradientTransformation:
       Adam mode) or Adam-style;
     * SGD mode (``beta2 = beta2_decay = None``): ``u = g`` or the heavy-ball buffer.
 
-    ``w`` is ``α_t`` (``scale_weight_decay``) or ``ρ_t``. Second-moment and momentum states are
+    ``w`` is ``α_t`` (``scale_weight_decay``) or ``ρ_t``. With ``enable_fira_for_adafactor``
+    the final update (before the RMS clip, whose denominator uses the same unlimited norm)
+    passes through :func:`afx.transforms.fira_limit`. Second-moment and momentum states are
     stored in ``v_quant_type`` / ``m_quant_type`` when ``quantize`` and the parameter has at
     least ``min_8bit_size`` elements (and the encoded state is smaller than float32).
 
@@ -174,6 +176,7 @@ def adafactor8bit(group: Mapping[str, Any]) -> GradientTransformation:
     if corrected:
         alpha = alpha * adam_bias_correction(beta2 is not None, beta1, beta2 or 0.999)
     decay_step = alpha if group["scale_weight_decay"] else rho
+    fira = group["enable_fira_for_adafactor"]
     # Defaults of hyperparameters the graph reads from the group anyway; None means "unused".
     decay_rate = -0.8 if group["beta2_decay"] is None else group["beta2_decay"]
     beta1_default = 0.9 if beta1 is None else beta1
@@ -186,9 +189,15 @@ def adafactor8bit(group: Mapping[str, Any]) -> GradientTransformation:
             parts.append(("heavy_ball", scale_by_step_size(heavy_ball(beta1))))
         if second_moment is not None:
             parts.append(("second_moment", second_moment))
-        parts.append(("clip", clip_by_rms(group["d"])))
         if adafactor_momentum:
-            parts.append(("momentum", ema(beta1)))
+            # Clip the normalised gradient, average it, and limit (Fira) without a final clip.
+            parts += [("clip", clip_by_rms(group["d"])), ("momentum", ema(beta1))]
+            if fira:
+                parts.append(("fira", fira_limit(group["fira_margin"])))
+        elif fira:
+            parts.append(("fira", fira_limit(group["fira_margin"], group["d"])))
+        else:
+            parts.append(("clip", clip_by_rms(group["d"])))
         parts += [("step_size", scale_by_step_size(alpha)),
                   ("weight_decay", add_decayed_weights(group["weight_decay"], decay_step)),
                   ("descent", scale(-1.0))]
@@ -235,8 +244,8 @@ class Adafactor8Bit(Optimizer):
     group; options are validated for every group, before any state or parameter changes.
     ``use_cuda_kernel``, ``lag_norm`` and ``warmup_multiplier`` are accepted and have no
     effect: afx runs its compiled chain on every device. CAME (``beta3``), APOLLO
-    (``apollo_rank``), Fira (``enable_fira_for_adafactor``) and stochastic rounding are not
-    implemented yet and raise ``NotImplementedError`` when switched on.
+    (``apollo_rank``) and stochastic rounding are not implemented yet and raise
+    ``NotImplementedError`` when switched on.
 
     Differences from the package (see the README): states are quantized by their own size (a
     short factored vector is never padded to a full block; small parameters keep float32

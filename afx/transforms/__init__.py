@@ -2,6 +2,7 @@
 
 from afx.transforms.clipping import clip_by_rms
 from afx.transforms.factored_rms import FactoredRmsState, RmsState, scale_by_factored_rms
+from afx.transforms.fira import FiraState, fira_limit
 from afx.transforms.momentum import EmaState, ema
 from afx.transforms.preconditioner import MomentumState, preconditioner
 from afx.transforms.quantize import quantize_state
@@ -25,6 +26,7 @@ from afx.transforms.weight_decay import add_decayed_weights
 __all__ = [
     "EmaState",
     "FactoredRmsState",
+    "FiraState",
     "MomentumState",
     "RmsState",
     "SecondMomentState",
@@ -34,6 +36,7 @@ __all__ = [
     "clip_by_rms",
     "constant",
     "ema",
+    "fira_limit",
     "heavy_ball",
     "learning_rate",
     "param_rms",

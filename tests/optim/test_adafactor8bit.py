@@ -16,6 +16,8 @@ ADAMW = dict(factored=False, beta1=0.9, beta2=0.999, beta2_decay=None, relative_
              eps=(1e-8, 1e-3))
 CONFIGS = {
     "default": {},
+    "fira": dict(enable_fira_for_adafactor=True, fira_margin=0.05),
+    "fira_beta1_unfactored": dict(enable_fira_for_adafactor=True, beta1=0.9, factored=False),
     "beta1": dict(beta1=0.9),
     "unfactored": dict(factored=False),
     "adamw": ADAMW,
@@ -196,10 +198,9 @@ def test_package_code_runs_unchanged_and_unknown_options_fail() -> None:
 
 
 @pytest.mark.parametrize("option", [dict(beta1=0.9, beta3=0.9999), dict(apollo_rank=16),
-                                    dict(enable_fira_for_adafactor=True),
                                     dict(stochastic_round_writeback=True)])
 def test_options_not_implemented_yet_are_refused(option: dict) -> None:
-    """CAME, APOLLO, Fira and stochastic rounding raise instead of silently doing nothing."""
+    """CAME, APOLLO and stochastic rounding raise instead of silently doing nothing."""
     with pytest.raises(NotImplementedError, match=next(iter(option.keys() - {"beta1"}))):
         afx.Adafactor8Bit([torch.nn.Parameter(torch.zeros(4, 4))], compile=False, **option)
 
