@@ -14,6 +14,7 @@ name       signed  format                                                 compat
 ``uf8``    yes     8-bit uniform, levels absmax/128                       adafactor8bit 0.4.6 M
 ``uf4``    yes     4-bit uniform, levels absmax/8                         adafactor8bit 0.4.6 M
 ``s4``     yes     4-bit symmetric uniform, levels absmax/7               adafactor8bit 0.2.2 M
+``s8``     yes     8-bit symmetric uniform, levels absmax/127             afx
 ``d8``     yes     8-bit dynamic codebook                                 adafactor8bit 0.4.6 M
 ``d4``     yes     4-bit dynamic codebook                                 adafactor8bit 0.4.6 M
 =========  ======  =====================================================  ======================
@@ -45,7 +46,7 @@ import torch
 
 from afx.codecs.base import Codec
 from afx.codecs.dynamic import make_dynamic
-from afx.codecs.linear import make_symmetric4, make_uniform
+from afx.codecs.linear import make_symmetric, make_uniform
 from afx.codecs.log_space import make_adaptive_log, make_log8
 from afx.codecs.passthrough import make_plain
 
@@ -60,7 +61,8 @@ _REGISTRY: dict[str, tuple[Callable[..., Codec], tuple[str, ...]]] = {
     "al16": (functools.partial(make_adaptive_log, 16), ("floor_log2",)),
     "uf8": (functools.partial(make_uniform, 8), ()),
     "uf4": (functools.partial(make_uniform, 4), ()),
-    "s4": (make_symmetric4, ()),
+    "s4": (functools.partial(make_symmetric, 4), ()),
+    "s8": (functools.partial(make_symmetric, 8), ()),
     "d8": (functools.partial(make_dynamic, 8), ()),
     "d4": (functools.partial(make_dynamic, 4), ()),
 }

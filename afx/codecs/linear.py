@@ -99,16 +99,18 @@ def _nbytes_absmax(numel: int, block_size: int, *, bits: int) -> int:
     return blockwise_nbytes(numel, block_size, code_bits=bits, stat_bytes=4, even=bits == 4)
 
 
-def _encode_symmetric4(x: Tensor, block_size: int) -> ScaledEncoded:
-    blocks = to_blocks(x, check_block_size(block_size, even=True))
-    # Multiplying by the fp32 reciprocal of 7 (not dividing) reproduces 0.2.2's stored scale.
-    scale = block_absmax(blocks) * (1.0 / 7.0)
-    q = torch.round(blocks / scale[:, None]).clamp(-8, 7) + 8
-    return ScaledEncoded(pack_nibbles(q.to(torch.uint8)), scale)
+def _encode_symmetric(x: Tensor, block_size: int, *, bits: int) -> ScaledEncoded:
+    top = 2 ** (bits - 1) - 1  # ±top levels: ±absmax are both exact
+    blocks = to_blocks(x, check_block_size(block_size, even=bits == 4))
+    # Multiplying by the fp32 reciprocal (not dividing) reproduces 0.2.2's stored s4 scale.
+    scale = block_absmax(blocks) * (1.0 / top)
+    q = (torch.round(blocks / scale[:, None]).clamp(-top - 1, top) + top + 1).to(torch.uint8)
+    return ScaledEncoded(pack_nibbles(q) if bits == 4 else q, scale)
 
 
-def _decode_symmetric4(encoded: ScaledEncoded, shape: Shape) -> Tensor:
-    levels = unpack_nibbles(encoded.codes).to(torch.float32) - 8.0
+def _decode_symmetric(encoded: ScaledEncoded, shape: Shape, *, bits: int) -> Tensor:
+    codes = unpack_nibbles(encoded.codes) if bits == 4 else encoded.codes
+    levels = codes.to(torch.float32) - float(2 ** (bits - 1))
     return from_blocks(levels * encoded.scale[:, None], shape)
 
 
@@ -149,8 +151,15 @@ def make_uniform(bits: int = 8) -> Codec:
     )
 
 
-def make_symmetric4() -> Codec:
-    """Returns the ``s4`` codec (adafactor8bit 0.2.2 symmetric 4-bit momentum).
+def make_symmetric(bits: int = 4) -> Codec:
+    """Returns ``s4`` (adafactor8bit 0.2.2 symmetric 4-bit momentum) or ``s8``.
+
+    Levels are ``absmax/(2^(bits−1) − 1)`` apart, so both ``+absmax`` and ``−absmax`` are exact
+    (unlike ``uf8``/``uf4``, which clip the positive extreme) and re-encoding a decoded block is
+    stable. ``s8`` is afx's 8-bit member of the family (not a format of the package).
+
+    Args:
+        bits: 4 or 8.
 
     Returns:
         A signed :class:`~afx.codecs.base.Codec` encoding to :class:`ScaledEncoded`.
@@ -169,5 +178,8 @@ def make_symmetric4() -> Codec:
         >>> codec.decode(enc, (4,))
         tensor([-7.,  7.,  3.,  0.])
     """
-    return Codec("s4", True, _encode_symmetric4, _decode_symmetric4,
-                 functools.partial(_nbytes_absmax, bits=4))
+    if bits not in (8, 4):
+        raise ValueError(f"bits must be 8 or 4, got {bits!r}")
+    return Codec(f"s{bits}", True, functools.partial(_encode_symmetric, bits=bits),
+                 functools.partial(_decode_symmetric, bits=bits),
+                 functools.partial(_nbytes_absmax, bits=bits))

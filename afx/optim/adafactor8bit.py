@@ -24,6 +24,7 @@ from afx.transforms import (
     scale_by_factored_rms,
     scale_by_rms,
     scale_by_step_size,
+    second_moment_correction,
 )
 
 #: adafactor8bit 0.4.6's options and defaults (0.2.2's 25 options are a subset).
@@ -40,7 +41,8 @@ DEFAULTS: Mapping[str, Any] = MappingProxyType(dict(
     warmup_multiplier=0.0,
 ))
 
-M_TYPES = ("uf4", "uf8", "d4", "d8", "fp32")
+# s4/s8 are afx's symmetric codes (both extremes exact); the others are the package's.
+M_TYPES = ("uf4", "uf8", "d4", "d8", "fp32", "s4", "s8")
 V_TYPES = ("al8", "al16", "fp32")
 
 # Options whose algorithms land with CAME/APOLLO/Fira/stochastic rounding; until then a group
@@ -166,6 +168,10 @@ def adafactor8bit(group: Mapping[str, Any]) -> GradientTransformation:
     adam_mode = not group["factored"] and beta2 is not None
     bias_correction = adam_mode if group["bias_correction"] is None else group["bias_correction"]
     corrected = beta1 is not None and not group["relative_step"] and not sgd and bias_correction
+    # The package never corrects a momentum-free second moment; afx does when asked explicitly
+    # (bias_correction=True), so "Adam without momentum" routes start at Adam's step size.
+    corrected_v = (beta1 is None and group["bias_correction"] is True and beta2 is not None
+                   and not group["relative_step"])
     momentum_only = (not adam_mode if group["momentum_only_1d"] is None
                      else group["momentum_only_1d"])
     eps1 = 1e-30 if group["eps"][0] is None else group["eps"][0]
@@ -175,6 +181,8 @@ def adafactor8bit(group: Mapping[str, Any]) -> GradientTransformation:
     alpha = rho * param_rms(group["eps"][1]) if group["scale_parameter"] else rho
     if corrected:
         alpha = alpha * adam_bias_correction(beta2 is not None, beta1, beta2 or 0.999)
+    elif corrected_v:
+        alpha = alpha * second_moment_correction(beta2)
     decay_step = alpha if group["scale_weight_decay"] else rho
     fira = group["enable_fira_for_adafactor"]
     # Defaults of hyperparameters the graph reads from the group anyway; None means "unused".
@@ -208,7 +216,7 @@ def adafactor8bit(group: Mapping[str, Any]) -> GradientTransformation:
     else:
         inner_momentum = beta1 is not None and not momentum_only
         if adam_mode:
-            elementwise = scale_by_rms(beta2, eps1, eps_correction=corrected,
+            elementwise = scale_by_rms(beta2, eps1, eps_correction=corrected or corrected_v,
                                        momentum=inner_momentum, beta1=beta1_default)
         else:
             elementwise = scale_by_factored_rms(decay_rate, eps1, beta2=beta2,

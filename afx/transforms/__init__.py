@@ -20,6 +20,7 @@ from afx.transforms.step_size import (
     scale_by_param_rms,
     scale_by_relative_step,
     scale_by_step_size,
+    second_moment_correction,
 )
 from afx.transforms.weight_decay import add_decayed_weights
 
@@ -50,4 +51,5 @@ __all__ = [
     "scale_by_relative_step",
     "scale_by_rms",
     "scale_by_step_size",
+    "second_moment_correction",
 ]

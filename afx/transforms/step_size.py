@@ -183,6 +183,21 @@ def adam_bias_correction(second_moment: bool = True, beta1: float = 0.9,
     return StepSize(fn, hyperparams(**specs))
 
 
+def second_moment_correction(beta2: float = 0.999) -> StepSize:
+    """``√(1 − β₂^t)``: Adam's correction of a zero-initialised second moment alone.
+
+    Example:
+        >>> import torch
+        >>> from afx import transforms as T
+        >>> T.second_moment_correction(0.75).fn(None, {"step": torch.tensor(1.0)})
+        tensor(0.5000)
+    """
+    def fn(p: Tensor | None, hyper: Hyper | None) -> Tensor:
+        return torch.sqrt(1.0 - hyper_value(hyper, "beta2", beta2) ** step_count(hyper))
+
+    return StepSize(fn, hyperparams(beta2=Hyperparam(beta2, 0.0, 1.0, high_inclusive=False)))
+
+
 def heavy_ball(beta1: float = 0.9) -> StepSize:
     """``1/(1 − β₁)``: turns an EMA of gradients into the heavy-ball sum ``b ← β₁ b + g``.
 

@@ -106,14 +106,14 @@ def test_log_codes_relative_error_within_half_a_level(name: str, data: st.DataOb
     assert np.all(rel[positive] <= np.broadcast_to(bound[:, None], xb.shape)[positive])
 
 
-@pytest.mark.parametrize("name", ["uf8", "uf4", "s4"])
+@pytest.mark.parametrize("name", ["uf8", "uf4", "s4", "s8"])
 @PROPERTY
 @given(data=st.data())
 def test_linear_codes_error_within_half_a_level(name: str, data: st.DataObject) -> None:
     """|x̂ − clamp(x, lowest, highest)| ≤ half a level, and the stored statistic is the absmax.
 
     uf (K = 128 or 8): levels absmax/K, representable range [−absmax, (K−1)/K·absmax].
-    s4: levels scale = absmax·fl(1/7), range [−7·scale, 7·scale].
+    s4 / s8 (T = 7 or 127): levels scale = absmax·fl(1/T), range [−T·scale, T·scale].
     """
     x = data.draw(signed_tensors())
     block_size = data.draw(block_sizes(name))
@@ -121,10 +121,11 @@ def test_linear_codes_error_within_half_a_level(name: str, data: st.DataObject) 
     blocks = to_blocks(x, block_size)
     absmax = blocks.abs().amax(dim=1).clamp(min=1e-12)
     xb, yb = f64(blocks), f64(to_blocks(y, block_size))
-    if name == "s4":
-        assert torch.equal(enc.scale, absmax * (1.0 / 7.0))
+    if name in ("s4", "s8"):
+        top = 7 if name == "s4" else 127
+        assert torch.equal(enc.scale, absmax * (1.0 / top))
         step = f64(enc.scale)[:, None]
-        lowest, highest = -7 * step, 7 * step
+        lowest, highest = -top * step, top * step
     else:
         assert torch.equal(enc.absmax, absmax)
         k = 128 if name == "uf8" else 8
@@ -324,7 +325,7 @@ def expected_layout(name: str, numel: int, block_size: int) -> dict[str, tuple]:
     if name in ("fp32", "bf16"):
         return {"value": ((numel,), torch.float32 if name == "fp32" else torch.bfloat16)}
     stats = {"log8": ("scale",), "al8": ("scale", "min_log"), "al16": ("scale", "min_log"),
-             "s4": ("scale",)}.get(name, ("absmax",))
+             "s4": ("scale",), "s8": ("scale",)}.get(name, ("absmax",))
     layout = {"codes": ((nblocks, codes_width), code_dtype)}
     layout.update({s: ((nblocks,), torch.float32) for s in stats})
     return layout

@@ -244,3 +244,53 @@ def test_maximize_equals_minimizing_the_negated_loss() -> None:
             opt.step()
         results.append(model)
     assert rel_diff(results[0], results[1]) == 0.0
+
+
+def test_symmetric_momentum_codes_keep_the_positive_extreme() -> None:
+    """Deliberate addition: uf4 decodes +absmax as 7/8·absmax, so with zero gradients a block's
+    positive maximum loses 12.5 % per step on top of the β₁ decay; afx's symmetric s4 keeps it.
+    (m_quant_type='uf4' keeps the package's code.)"""
+    from afx import transforms as T
+
+    g = torch.linspace(-0.5, 1.0, 4096)
+    peaks = {}
+    for code in ("uf4", "s4"):
+        tx = T.quantize_state(T.ema(0.5), {"m": code})
+        state = tx.init(g)
+        _, state = tx.update(g, state, g, {})
+        for _ in range(5):
+            m, state = tx.update(torch.zeros_like(g), state, g, {})
+        peaks[code] = m.max().item()
+    exact = 0.5 ** 6
+    assert abs(peaks["s4"] - exact) <= 1e-6 * exact
+    assert peaks["uf4"] < 0.55 * exact  # (7/8)^5 ≈ 0.51 of the exact value
+
+
+def test_eps1_none_means_1e_30_for_bf16_parameters() -> None:
+    """0.2.2 turned eps=(None, …) into the parameter dtype's epsilon (7.8e-3 for bf16), which
+    floors V and makes small-gradient updates non-adaptive; afx follows 0.4.6: 1e-30."""
+    updates = []
+    for eps in ((None, 1e-3), (1e-30, 1e-3)):
+        p = torch.nn.Parameter(torch.ones(64, 64, dtype=torch.bfloat16))
+        opt = afx.Adafactor8Bit([p], eps=eps, quantize=False, compile=False)
+        p.grad = torch.full_like(p, 1e-4)
+        opt.step()
+        updates.append(1.0 - p.detach().float())
+    assert torch.equal(updates[0], updates[1])
+
+
+def test_explicit_bias_correction_corrects_momentum_free_second_moments() -> None:
+    """Deliberate fix, opt-in: with beta1=None the package never bias-corrects V, so an
+    RMSprop-like first step is 1/√(1−β₂) ≈ 10× Adam's; bias_correction=True makes it Adam-sized.
+    The default (None) keeps the package's numbers."""
+    rms = dict(CONFIGS["rmsprop"], quantize=False)
+    steps = {}
+    for bc in (None, True):
+        p = torch.nn.Parameter(torch.zeros(16))
+        opt = afx.Adafactor8Bit([p], bias_correction=bc, compile=False, **rms)
+        p.grad = torch.full((16,), 0.3)
+        opt.step()
+        steps[bc] = -p.detach()
+    torch.testing.assert_close(steps[True], torch.full((16,), 1e-3), rtol=1e-4, atol=0)
+    torch.testing.assert_close(steps[None], torch.full((16,), 1e-3 / (1 - 0.99) ** 0.5),
+                               rtol=1e-4, atol=0)
