@@ -169,10 +169,24 @@ def per_leaf(
         leaves, spec = optree.tree_flatten(updates)
         states = spec.flatten_up_to(state)
         param_leaves = [None] * len(leaves) if params is None else spec.flatten_up_to(params)
-        out = [update_leaf(u, s, p, hyper) for u, s, p in zip(leaves, states, param_leaves)]
+        out = [_update_scalar_as_vector(update_leaf, u, s, p, hyper) if u.ndim == 0
+               else update_leaf(u, s, p, hyper)
+               for u, s, p in zip(leaves, states, param_leaves)]
         return spec.unflatten([o[0] for o in out]), spec.unflatten([o[1] for o in out])
 
     return GradientTransformation(init, update, specs)
+
+
+def _update_scalar_as_vector(update_leaf: Callable, u: Tensor, state: Any, p: Tensor | None,
+                             hyper: Hyper | None) -> tuple[Tensor, Any]:
+    # Hyperparameters are float64 0-d tensors; combined with a 0-d float32 tensor they would
+    # promote it to float64. Running a 0-d parameter as a 1-element vector keeps its math, its
+    # update and its state in float32, exactly like every other parameter.
+    as_vector = optree.tree_map(lambda t: t.reshape(1) if t.ndim == 0 else t, state)
+    u, new_state = update_leaf(u.reshape(1), as_vector, None if p is None else p.reshape(1),
+                               hyper)
+    new_state = optree.tree_map(lambda new, old: new.reshape(old.shape), new_state, state)
+    return u.reshape(()), new_state
 
 
 def stateless(

@@ -12,6 +12,7 @@ from afx.optim.optimizer import Optimizer
 from afx.transforms import (
     adam_bias_correction,
     add_decayed_weights,
+    came_confidence,
     clip_by_rms,
     ema,
     fira_limit,
@@ -47,7 +48,7 @@ V_TYPES = ("al8", "al16", "fp32")
 
 # Options whose algorithms land with CAME/APOLLO/Fira/stochastic rounding; until then a group
 # that switches one on is refused rather than silently run without it.
-_NOT_YET = {"beta3": None, "apollo_rank": 0, "stochastic_round_writeback": False}
+_NOT_YET = {"apollo_rank": 0, "stochastic_round_writeback": False}
 
 
 def _fail(option: str, value: Any, rule: str) -> None:
@@ -119,8 +120,8 @@ def check_options(group: Mapping[str, Any]) -> None:
     for option, off in _NOT_YET.items():
         if group[option] != off:
             raise NotImplementedError(
-                f"{option}={group[option]!r} is not implemented in afx yet (CAME, APOLLO "
-                "and stochastic rounding are a separate work item); "
+                f"{option}={group[option]!r} is not implemented in afx yet (APOLLO and "
+                "stochastic rounding are a separate work item); "
                 f"use {option}={off!r}")
 
 
@@ -138,6 +139,8 @@ def adafactor8bit(group: Mapping[str, Any]) -> GradientTransformation:
       (``factored=False`` with a fixed ``beta2``) ``1/(√V + eps1)``; momentum either
       Adafactor-style (EMA of the clipped normalised gradient, no final clip; default outside
       Adam mode) or Adam-style;
+    * CAME (``beta3`` with ``beta1``, ≥2-D factored parameters): the clipped ``g/√V̂`` goes
+      through :func:`afx.transforms.came_confidence`; other parameters ignore ``beta3``;
     * SGD mode (``beta2 = beta2_decay = None``): ``u = g`` or the heavy-ball buffer.
 
     ``w`` is ``α_t`` (``scale_weight_decay``) or ``ρ_t``. With ``enable_fira_for_adafactor``
@@ -189,7 +192,8 @@ def adafactor8bit(group: Mapping[str, Any]) -> GradientTransformation:
     decay_rate = -0.8 if group["beta2_decay"] is None else group["beta2_decay"]
     beta1_default = 0.9 if beta1 is None else beta1
 
-    def route(second_moment: GradientTransformation | None, adafactor_momentum: bool,
+    def route(second_moment: GradientTransformation | None,
+              momentum_after_clip: GradientTransformation | None,
               heavy: bool = False) -> GradientTransformation:
         parts = [("maximize", scale(-1.0))] if group["maximize"] else []
         if heavy:
@@ -197,9 +201,10 @@ def adafactor8bit(group: Mapping[str, Any]) -> GradientTransformation:
             parts.append(("heavy_ball", scale_by_step_size(heavy_ball(beta1))))
         if second_moment is not None:
             parts.append(("second_moment", second_moment))
-        if adafactor_momentum:
-            # Clip the normalised gradient, average it, and limit (Fira) without a final clip.
-            parts += [("clip", clip_by_rms(group["d"])), ("momentum", ema(beta1))]
+        if momentum_after_clip is not None:
+            # Clip the normalised gradient, average it (Adafactor-style or CAME), and limit
+            # (Fira) without a final clip.
+            parts += [("clip", clip_by_rms(group["d"])), ("momentum", momentum_after_clip)]
             if fira:
                 parts.append(("fira", fira_limit(group["fira_margin"])))
         elif fira:
@@ -212,7 +217,7 @@ def adafactor8bit(group: Mapping[str, Any]) -> GradientTransformation:
         return _quantized(named_chain(*parts), group)
 
     if sgd:
-        routes = {"sgd": route(None, False, heavy=beta1 is not None)}
+        routes = {"sgd": route(None, None, heavy=beta1 is not None)}
     else:
         inner_momentum = beta1 is not None and not momentum_only
         if adam_mode:
@@ -222,11 +227,18 @@ def adafactor8bit(group: Mapping[str, Any]) -> GradientTransformation:
             elementwise = scale_by_factored_rms(decay_rate, eps1, beta2=beta2,
                                                 factored=False, momentum=inner_momentum,
                                                 beta1=beta1_default)
-        routes = {
-            "factored": route(scale_by_factored_rms(
+        if group["beta3"] is not None:
+            factored_route = route(
+                scale_by_factored_rms(decay_rate, eps1, beta2=beta2),
+                came_confidence(beta1, group["beta3"], group["eps_came"], eps1))
+        else:
+            factored_route = route(scale_by_factored_rms(
                 decay_rate, eps1, beta2=beta2, momentum=beta1 is not None,
-                beta1=beta1_default), False),
-            "elementwise": route(elementwise, beta1 is not None and momentum_only),
+                beta1=beta1_default), None)
+        routes = {
+            "factored": factored_route,
+            "elementwise": route(elementwise, ema(beta1) if beta1 is not None and momentum_only
+                                 else None),
         }
     factored = group["factored"] and not sgd
     return partition(routes, lambda name, p: "sgd" if sgd else
@@ -240,6 +252,10 @@ def _quantized(tx: GradientTransformation, group: Mapping[str, Any]) -> Gradient
     if group["v_quant_type"] != "fp32":
         for name in ("v_row", "v_col", "v"):
             fields[name] = (group["v_quant_type"], group["block_size"])
+    c_type = group["c_quant_type"] or group["v_quant_type"]
+    if c_type != "fp32":
+        for name in ("c_row", "c_col"):
+            fields[name] = (c_type, group["block_size"])
     if group["m_quant_type"] != "fp32":
         fields["m"] = (group["m_quant_type"], group["m_block_size"])
     return quantize_state(tx, fields, min_numel=group["min_8bit_size"]) if fields else tx
@@ -251,9 +267,9 @@ class Adafactor8Bit(Optimizer):
     Every option of the package's constructor is accepted and can be overridden per param
     group; options are validated for every group, before any state or parameter changes.
     ``use_cuda_kernel``, ``lag_norm`` and ``warmup_multiplier`` are accepted and have no
-    effect: afx runs its compiled chain on every device. CAME (``beta3``), APOLLO
-    (``apollo_rank``) and stochastic rounding are not implemented yet and raise
-    ``NotImplementedError`` when switched on.
+    effect: afx runs its compiled chain on every device. APOLLO (``apollo_rank``) and
+    stochastic rounding are not implemented yet and raise ``NotImplementedError`` when
+    switched on.
 
     Differences from the package (see the README): states are quantized by their own size (a
     short factored vector is never padded to a full block; small parameters keep float32

@@ -39,6 +39,13 @@ def _template(tx: GradientTransformation, p: Tensor,
     return flatten_state(_init(tx, torch.empty_like(p, device="meta"), name).inner)
 
 
+def _mirror_dtype(device: torch.device) -> torch.dtype:
+    # float64, so that scalar math on hyperparameters keeps Python's precision: in float32,
+    # 1 − 0.9999 is 1.00017e-4 (CAME's β₃) and β^t drifts. Only 0-d values are float64;
+    # element-wise math stays float32. MPS has no float64.
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float, Tensor)) and not isinstance(value, bool)
 
@@ -67,8 +74,9 @@ class Optimizer(torch.optim.Optimizer):
     """A ``torch.optim.Optimizer`` that runs a gradient transformation, compiled per bucket.
 
     Every numeric hyperparameter the transformation declares lives in ``param_groups`` and is
-    mirrored each step into a persistent 0-d tensor read by the compiled graph, so LR schedulers
-    (including those that write Python floats or cycle ``beta1``) never trigger a recompile.
+    mirrored each step into a persistent 0-d float64 tensor read by the compiled graph, so LR
+    schedulers (including those that write Python floats or cycle ``beta1``) never trigger a
+    recompile.
     State is created eagerly the first time a parameter has a gradient; parameters sharing a
     transformation, shape, dtypes and device share one compiled function
     (``torch.compile(fullgraph=True, dynamic=False)``), called once per parameter.
@@ -205,7 +213,7 @@ class Optimizer(torch.optim.Optimizer):
 
     def _hyper(self, index: int, group: Mapping[str, Any], tx: GradientTransformation,
                device: torch.device) -> dict[str, Tensor]:
-        """Mirrors the group's hyperparameters into persistent 0-d float32 tensors."""
+        """Mirrors the group's hyperparameters into persistent 0-d float64 tensors."""
         key = (index, device)
         mirrors = self._mirrors.setdefault(key, {})
         last = self._mirrored.setdefault(key, {})
@@ -214,7 +222,7 @@ class Optimizer(torch.optim.Optimizer):
             value = values[name]
             buf = mirrors.get(name)
             if buf is None:
-                buf = mirrors[name] = torch.zeros((), dtype=torch.float32, device=device)
+                buf = mirrors[name] = torch.zeros((), dtype=_mirror_dtype(device), device=device)
                 last[name] = None
             if isinstance(value, Tensor):
                 buf.copy_(value.detach().reshape(()))

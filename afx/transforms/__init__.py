@@ -1,5 +1,6 @@
 """The transform catalogue: each function returns an :class:`afx.GradientTransformation`."""
 
+from afx.transforms.came import CameState, came_confidence
 from afx.transforms.clipping import clip_by_rms
 from afx.transforms.factored_rms import FactoredRmsState, RmsState, scale_by_factored_rms
 from afx.transforms.fira import FiraState, fira_limit
@@ -25,6 +26,7 @@ from afx.transforms.step_size import (
 from afx.transforms.weight_decay import add_decayed_weights
 
 __all__ = [
+    "CameState",
     "EmaState",
     "FactoredRmsState",
     "FiraState",
@@ -34,6 +36,7 @@ __all__ = [
     "StepSize",
     "adam_bias_correction",
     "add_decayed_weights",
+    "came_confidence",
     "clip_by_rms",
     "constant",
     "ema",

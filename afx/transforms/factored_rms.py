@@ -15,7 +15,7 @@ from afx.base import (
     hyperparams,
     step_count,
 )
-from afx.numerics import fp32_zeros
+from afx.numerics import factored_rsqrt, fp32_zeros
 from afx.transforms.preconditioner import preconditioner
 
 Tensor = torch.Tensor
@@ -118,9 +118,7 @@ def scale_by_factored_rms(
             v_row = torch.lerp(state.v_row, sq.mean(dim=-1), weight)
             v_col = torch.lerp(state.v_col, sq.mean(dim=-2), weight)
             col = v_col if correction is None else v_col / correction
-            row_mean = torch.clamp(v_row.mean(dim=-1, keepdim=True), min=e1)
-            inv = (v_row / row_mean).rsqrt().unsqueeze(-1) * col.rsqrt().unsqueeze(-2)
-            return inv, FactoredRmsState(v_row, v_col)
+            return factored_rsqrt(v_row, col, e1), FactoredRmsState(v_row, v_col)
         v = torch.lerp(state.v, sq, weight)
         v_hat = v if correction is None else v / correction
         floor = torch.clamp(torch.as_tensor(e1) ** 2, min=FLT_MIN)

@@ -81,6 +81,6 @@ def fira_limit(fira_margin: float = 0.01, clip_threshold: float | None = None
             d = torch.as_tensor(hyper_value(hyper, "clip_threshold", clip_threshold))
             denom = torch.clamp(n / (u.numel() ** 0.5 * d), min=1.0)
             u = u / torch.where(d > 0, denom, torch.ones_like(denom))
-        return u, FiraState(prev)
+        return u, FiraState(prev.float())
 
     return per_leaf(lambda p: FiraState(fp32_zeros((), p)), update_leaf, specs)

@@ -1,0 +1,94 @@
+"""CAME's confidence-guided momentum."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from afx.base import (
+    NON_NEGATIVE,
+    GradientTransformation,
+    Hyper,
+    Hyperparam,
+    hyper_value,
+    hyperparams,
+    per_leaf,
+)
+from afx.numerics import factored_rsqrt, fp32_zeros
+from afx.transforms.momentum import EmaState
+
+Tensor = torch.Tensor
+
+
+class CameState(NamedTuple):
+    """Momentum ``m`` and the row/column EMAs of the residual ``(u − m)² + eps_came``.
+
+    Attributes:
+        m: the EMA of the (normalised, clipped) updates, the parameter's shape.
+        c_row: shape ``(..., R)``.
+        c_col: shape ``(..., C)``.
+    """
+
+    m: Tensor
+    c_row: Tensor
+    c_col: Tensor
+
+
+def came_confidence(beta1: float = 0.9, beta3: float = 0.9999, eps_came: float = 1e-16,
+                    eps1: float = 1e-30) -> GradientTransformation:
+    """Momentum scaled by CAME's confidence in it (official CAME, adafactor8bit 0.4.6).
+
+    For a normalised update ``u`` (Adafactor's ``g/√V̂``, clipped) of shape ``(..., R, C)``:
+    ``m ← lerp(m, u, 1 − β₁)``; ``r = (u − m)² + eps_came``;
+    ``c_row ← lerp(c_row, mean_C(r), 1 − β₃)``, ``c_col ← lerp(c_col, mean_R(r), 1 − β₃)``;
+    output ``m / √Ĉ`` with ``Ĉ = c_row c_colᵀ / max(mean(c_row), eps1)``. Tensors with fewer
+    than two dims get the momentum alone (``u ← m``), as in the official algorithm.
+
+    The confidence starts at zero without bias correction, so the first steps are about
+    ``1/√(1 − β₃)`` (100× at β₃ = 0.9999) larger than later ones; use a warmup.
+
+    Args:
+        beta1: momentum coefficient, hyperparameter ``"beta1"``.
+        beta3: confidence EMA coefficient, hyperparameter ``"beta3"``.
+        eps_came: added to the residual, hyperparameter ``"eps_came"``.
+        eps1: floor of the row mean, hyperparameter ``"eps1"``.
+
+    Returns:
+        The transformation, state :class:`CameState` (≥2-D) or ``EmaState``.
+
+    References:
+        Luo et al., "CAME: Confidence-guided Adaptive Memory Efficient Optimization", 2023.
+
+    Example:
+        >>> import torch
+        >>> from afx import transforms as T
+        >>> tx = T.came_confidence(beta1=0.5, beta3=0.5, eps_came=0.0)
+        >>> u, state = tx.update(torch.ones(2, 3), tx.init(torch.zeros(2, 3)), None, {})
+        >>> state.m[0], state.c_row
+        (tensor([0.5000, 0.5000, 0.5000]), tensor([0.1250, 0.1250]))
+    """
+    unit = dict(low=0.0, high=1.0, high_inclusive=False)
+    specs = hyperparams(beta1=Hyperparam(beta1, **unit), beta3=Hyperparam(beta3, **unit),
+                        eps_came=NON_NEGATIVE._replace(default=eps_came),
+                        eps1=NON_NEGATIVE._replace(default=eps1))
+
+    def init_leaf(p: Tensor):
+        if p.ndim < 2:
+            return EmaState(fp32_zeros(p.shape, p))
+        return CameState(fp32_zeros(p.shape, p), fp32_zeros(p.shape[:-1], p),
+                         fp32_zeros(p.shape[:-2] + p.shape[-1:], p))
+
+    def update_leaf(u: Tensor, state, p, hyper: Hyper | None):
+        u = u.float()
+        m = torch.lerp(state.m, u, 1.0 - hyper_value(hyper, "beta1", beta1))
+        if isinstance(state, EmaState):
+            return m, EmaState(m)
+        residual = (u - m).square() + hyper_value(hyper, "eps_came", eps_came)
+        weight = 1.0 - hyper_value(hyper, "beta3", beta3)
+        c_row = torch.lerp(state.c_row, residual.mean(dim=-1), weight)
+        c_col = torch.lerp(state.c_col, residual.mean(dim=-2), weight)
+        inv = factored_rsqrt(c_row, c_col, hyper_value(hyper, "eps1", eps1))
+        return m * inv, CameState(m, c_row, c_col)
+
+    return per_leaf(init_leaf, update_leaf, specs)
