@@ -48,7 +48,7 @@ V_TYPES = ("al8", "al16", "fp32")
 
 # Options whose algorithms land with CAME/APOLLO/Fira/stochastic rounding; until then a group
 # that switches one on is refused rather than silently run without it.
-_NOT_YET = {"apollo_rank": 0, "stochastic_round_writeback": False}
+_NOT_YET = {"apollo_rank": 0}
 
 
 def _fail(option: str, value: Any, rule: str) -> None:
@@ -120,8 +120,8 @@ def check_options(group: Mapping[str, Any]) -> None:
     for option, off in _NOT_YET.items():
         if group[option] != off:
             raise NotImplementedError(
-                f"{option}={group[option]!r} is not implemented in afx yet (APOLLO and "
-                "stochastic rounding are a separate work item); "
+                f"{option}={group[option]!r} is not implemented in afx yet (APOLLO is a "
+                "separate work item); "
                 f"use {option}={off!r}")
 
 
@@ -267,9 +267,10 @@ class Adafactor8Bit(Optimizer):
     Every option of the package's constructor is accepted and can be overridden per param
     group; options are validated for every group, before any state or parameter changes.
     ``use_cuda_kernel``, ``lag_norm`` and ``warmup_multiplier`` are accepted and have no
-    effect: afx runs its compiled chain on every device. APOLLO (``apollo_rank``) and
-    stochastic rounding are not implemented yet and raise ``NotImplementedError`` when
-    switched on.
+    effect: afx runs its compiled chain on every device. ``stochastic_round_writeback`` rounds
+    bfloat16/float16 parameters with :func:`afx.rounding.stochastic_round` (deterministic
+    from the parameter's seed, the step and the element index). APOLLO (``apollo_rank``) is
+    not implemented yet and raises ``NotImplementedError`` when switched on.
 
     Differences from the package (see the README): states are quantized by their own size (a
     short factored vector is never padded to a full block; small parameters keep float32
@@ -304,6 +305,9 @@ class Adafactor8Bit(Optimizer):
         if unknown:
             raise TypeError(f"Adafactor8Bit got unknown options {unknown}")
         super().__init__(params, adafactor8bit, compile=compile, **{**DEFAULTS, **options})
+
+    def stochastic_rounding(self, group: Mapping[str, Any]) -> bool:
+        return bool(group["stochastic_round_writeback"])
 
     def hyper_values(self, group: Mapping[str, Any]) -> Mapping[str, Any]:
         eps1, eps2 = group["eps"]

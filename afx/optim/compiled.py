@@ -12,21 +12,38 @@ import types
 from collections.abc import Callable
 from typing import Any
 
-import optree
 import torch
 
 from afx.base import GradientTransformation, Hyper
+from afx.rounding import stochastic_round
 
 Tensor = torch.Tensor
 
 
 def apply_update(tx: GradientTransformation, param: Tensor, grad: Tensor, state: Any,
-                 hyper: Hyper) -> None:
-    """Runs ``tx`` on one parameter and writes the new state and parameter in place."""
+                 hyper: Hyper, sr_seed: Tensor | None = None) -> None:
+    """Runs ``tx`` on one parameter and writes the new state and parameter in place.
+
+    The new parameter is formed in float32 and rounded once to the parameter's dtype: to the
+    nearest value, or stochastically (seeded by ``sr_seed`` and the step) when ``sr_seed`` is
+    given.
+    """
     updates, new_state = tx.update(grad, state, param, hyper)
-    for old, new in zip(optree.tree_leaves(state), optree.tree_leaves(new_state)):
+    for old, new in zip(_leaves(state), _leaves(new_state)):
         old.copy_(new)
-    param.copy_(param.float() + updates)
+    new_param = param.float() + updates
+    if sr_seed is not None:
+        new_param = stochastic_round(new_param, param.dtype, sr_seed, new_state.step)
+    param.copy_(new_param)
+
+
+def _leaves(tree: Any) -> list[Tensor]:
+    # Plain recursion instead of optree: Dynamo's optree support fails on some leafless dict
+    # states (e.g. a chain of stateless parts), and a state is only tuples, dicts and tensors.
+    if isinstance(tree, Tensor):
+        return [tree]
+    children = tree.values() if isinstance(tree, dict) else tree
+    return [leaf for child in children for leaf in _leaves(child)]
 
 
 def _private_copy(fn: Callable, tag: str) -> Callable:

@@ -160,6 +160,14 @@ class Optimizer(torch.optim.Optimizer):
             self.param_groups.pop()
             raise
 
+    def stochastic_rounding(self, group: Mapping[str, Any]) -> bool:
+        """Whether the group writes bfloat16/float16 parameters with stochastic rounding.
+
+        Reads the group's ``stochastic_rounding`` entry (default ``False``); prepackaged
+        optimizers map their own option name.
+        """
+        return bool(group.get("stochastic_rounding", False))
+
     def hyper_values(self, group: Mapping[str, Any]) -> Mapping[str, Any]:
         """The group's hyperparameters under the names the transformation reads.
 
@@ -201,7 +209,7 @@ class Optimizer(torch.optim.Optimizer):
                     name: str | None) -> None:
         """Makes ``state[p]`` hold exactly the plan's entries (missing ones from ``tx.init``)."""
         state = self.state[p]
-        for stale in [k for k in state if k != "step" and k not in plan.keys]:
+        for stale in [k for k in state if k not in ("step", "sr_seed") and k not in plan.keys]:
             del state[stale]  # from a structure the group's static options no longer produce
         if all(k in state for k in plan.keys) and "step" in state:
             return
@@ -254,6 +262,25 @@ class Optimizer(torch.optim.Optimizer):
             work.append((index, group, params))
         return work
 
+    def _rounding_seeds(self, work: list[tuple[int, dict, list[Tensor]]]) -> dict[Tensor, Tensor]:
+        """``state[p]["sr_seed"]`` of every low-precision parameter that rounds stochastically.
+
+        A new seed is the parameter's 1-based position in ``param_groups``: the same on every
+        rank and in every process, and saved with the state so a resumed run draws the same
+        bits.
+        """
+        position = {p: i + 1 for i, p in enumerate(
+            itertools.chain.from_iterable(g["params"] for g in self.param_groups))}
+        seeds = {}
+        for _, group, params in work:
+            if not self.stochastic_rounding(group):
+                continue
+            for p in params:
+                if p.dtype in (torch.bfloat16, torch.float16):
+                    seeds[p] = self.state[p].setdefault(
+                        "sr_seed", torch.tensor(position[p], dtype=torch.int64, device=p.device))
+        return seeds
+
     def _param_names(self) -> dict[Tensor, str]:
         names = {}
         for group in self.param_groups:
@@ -282,6 +309,7 @@ class Optimizer(torch.optim.Optimizer):
         txs = [self._transformation(group) for _, group, _ in work]
         plans = [[self._plan(p, static, tx, names.get(p)) for p in params]
                  for (_, _, params), (static, tx) in zip(work, txs)]
+        seeds = self._rounding_seeds(work)
         for (index, group, params), (_, tx), group_plans in zip(work, txs, plans):
             mirrors: dict[torch.device, dict[str, Tensor]] = {}
             for p, plan in zip(params, group_plans):
@@ -294,7 +322,7 @@ class Optimizer(torch.optim.Optimizer):
                         f"bucket{len(self._buckets)}", self._compile)
                 state = self.state[p]
                 inner = plan.spec.unflatten([state[k] for k in plan.keys])
-                fn(tx, p, p.grad, CountState(state["step"], inner), hyper)
+                fn(tx, p, p.grad, CountState(state["step"], inner), hyper, seeds.get(p))
         return loss
 
     # ------------------------------------------------------------------------- checkpoint --

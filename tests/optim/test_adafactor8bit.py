@@ -203,9 +203,9 @@ def test_package_code_runs_unchanged_and_unknown_options_fail() -> None:
         afx.Adafactor8Bit([w], blocksize=256)
 
 
-@pytest.mark.parametrize("option", [dict(apollo_rank=16), dict(stochastic_round_writeback=True)])
+@pytest.mark.parametrize("option", [dict(apollo_rank=16)])
 def test_options_not_implemented_yet_are_refused(option: dict) -> None:
-    """APOLLO and stochastic rounding raise instead of silently doing nothing."""
+    """APOLLO raises instead of silently doing nothing."""
     with pytest.raises(NotImplementedError, match=next(iter(option))):
         afx.Adafactor8Bit([torch.nn.Parameter(torch.zeros(4, 4))], compile=False, **option)
 
