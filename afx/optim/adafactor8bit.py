@@ -281,6 +281,9 @@ class Adafactor8Bit(Optimizer):
     Args:
         params: parameters or param groups.
         compile: see :class:`afx.optim.Optimizer`.
+        skip_nonfinite: skip (and count) the update of a parameter whose gradient has a NaN or
+            Inf, leaving its parameter and state untouched (default on; the package's CPU
+            path would write NaN into the parameter).
         **options: adafactor8bit's options (see :data:`DEFAULTS` for names and defaults).
 
     References:
@@ -300,11 +303,13 @@ class Adafactor8Bit(Optimizer):
     option_names = MappingProxyType({"eps1": "eps[0]", "eps2": "eps[1]", "decay_rate":
                                      "beta2_decay", "clip_threshold": "d"})
 
-    def __init__(self, params: Iterable, *, compile: bool | dict = True, **options: Any) -> None:
+    def __init__(self, params: Iterable, *, compile: bool | dict = True,
+                 skip_nonfinite: bool = True, **options: Any) -> None:
         unknown = sorted(set(options) - set(DEFAULTS))
         if unknown:
             raise TypeError(f"Adafactor8Bit got unknown options {unknown}")
-        super().__init__(params, adafactor8bit, compile=compile, **{**DEFAULTS, **options})
+        super().__init__(params, adafactor8bit, compile=compile, skip_nonfinite=skip_nonfinite,
+                         **{**DEFAULTS, **options})
 
     def stochastic_rounding(self, group: Mapping[str, Any]) -> bool:
         return bool(group["stochastic_round_writeback"])

@@ -21,20 +21,30 @@ Tensor = torch.Tensor
 
 
 def apply_update(tx: GradientTransformation, param: Tensor, grad: Tensor, state: Any,
-                 hyper: Hyper, sr_seed: Tensor | None = None) -> None:
+                 hyper: Hyper, sr_seed: Tensor | None = None,
+                 skipped: Tensor | None = None) -> None:
     """Runs ``tx`` on one parameter and writes the new state and parameter in place.
 
     The new parameter is formed in float32 and rounded once to the parameter's dtype: to the
     nearest value, or stochastically (seeded by ``sr_seed`` and the step) when ``sr_seed`` is
-    given.
+    given. With a ``skipped`` counter, a gradient containing NaN or Inf leaves the parameter
+    and every state tensor (the step count included) as they were and adds one to the counter,
+    decided on the device without a host synchronisation.
     """
     updates, new_state = tx.update(grad, state, param, hyper)
-    for old, new in zip(_leaves(state), _leaves(new_state)):
-        old.copy_(new)
     new_param = param.float() + updates
     if sr_seed is not None:
         new_param = stochastic_round(new_param, param.dtype, sr_seed, new_state.step)
-    param.copy_(new_param)
+    if skipped is None:
+        for old, new in zip(_leaves(state), _leaves(new_state)):
+            old.copy_(new)
+        param.copy_(new_param)
+        return
+    finite = torch.isfinite(grad).all()
+    for old, new in zip(_leaves(state), _leaves(new_state)):
+        old.copy_(torch.where(finite, new, old))
+    param.copy_(torch.where(finite, new_param, param))
+    skipped.add_((~finite).to(skipped.dtype))
 
 
 def _leaves(tree: Any) -> list[Tensor]:

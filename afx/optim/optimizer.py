@@ -93,6 +93,9 @@ class Optimizer(torch.optim.Optimizer):
             (its non-numeric entries decide the structure, numbers are read at run time).
         compile: ``True`` (default) to compile each bucket, ``False`` to run the same chain
             eagerly, or a dict of ``torch.compile`` options (``backend``, ``mode``, ...).
+        skip_nonfinite: skip the update of any parameter whose gradient has a NaN or Inf:
+            its parameter and state (step count included) stay as they were, and
+            :attr:`skipped_updates` counts it. Decided on the device, without a host sync.
         **defaults: param-group defaults; with a transformation (not a factory) they extend
             the defaults it declares.
 
@@ -115,7 +118,8 @@ class Optimizer(torch.optim.Optimizer):
     option_names: Mapping[str, str] = MappingProxyType({})
 
     def __init__(self, params: Iterable, tx: GradientTransformation | TxFactory, *,
-                 compile: bool | dict = True, **defaults: Any) -> None:
+                 compile: bool | dict = True, skip_nonfinite: bool = False,
+                 **defaults: Any) -> None:
         if isinstance(tx, GradientTransformation):
             transformation = tx
             self._factory: TxFactory = lambda group: transformation
@@ -125,6 +129,8 @@ class Optimizer(torch.optim.Optimizer):
         else:
             raise TypeError(f"tx must be a GradientTransformation or a factory, got {tx!r}")
         self._compile = compile
+        self._skip_nonfinite = skip_nonfinite
+        self._skipped: dict[torch.device, Tensor] = {}
         self._reset_caches()
         super().__init__(params, defaults)
 
@@ -141,10 +147,11 @@ class Optimizer(torch.optim.Optimizer):
         self._reset_caches()
 
     def __getstate__(self) -> dict:
-        # Compiled functions and mirrors are caches: rebuilt on demand after copy or unpickling.
+        # torch.optim keeps only defaults, state and param_groups; afx also needs its chain
+        # factory and options. Compiled functions and mirrors are caches, rebuilt on demand.
         state = super().__getstate__()
-        for key in ("_txs", "_buckets", "_plans", "_mirrors", "_mirrored"):
-            state.pop(key, None)
+        state.update({k: self.__dict__[k] for k in
+                      ("_factory", "_compile", "_skip_nonfinite", "_skipped")})
         return state
 
     def add_param_group(self, param_group: dict) -> None:
@@ -159,6 +166,15 @@ class Optimizer(torch.optim.Optimizer):
         except Exception:
             self.param_groups.pop()
             raise
+
+    @property
+    def skipped_updates(self) -> Tensor:
+        """Parameter updates skipped for a non-finite gradient so far (an int64 tensor; reading
+        its value synchronises with the device)."""
+        counts = list(self._skipped.values())
+        if not counts:
+            return torch.zeros((), dtype=torch.int64)
+        return counts[0] if len(counts) == 1 else sum(c.cpu() for c in counts)
 
     def stochastic_rounding(self, group: Mapping[str, Any]) -> bool:
         """Whether the group writes bfloat16/float16 parameters with stochastic rounding.
@@ -322,7 +338,14 @@ class Optimizer(torch.optim.Optimizer):
                         f"bucket{len(self._buckets)}", self._compile)
                 state = self.state[p]
                 inner = plan.spec.unflatten([state[k] for k in plan.keys])
-                fn(tx, p, p.grad, CountState(state["step"], inner), hyper, seeds.get(p))
+                skipped = None
+                if self._skip_nonfinite:
+                    skipped = self._skipped.get(p.device)
+                    if skipped is None:
+                        skipped = self._skipped[p.device] = torch.zeros(
+                            (), dtype=torch.int64, device=p.device)
+                fn(tx, p, p.grad, CountState(state["step"], inner), hyper, seeds.get(p),
+                   skipped)
         return loss
 
     # ------------------------------------------------------------------------- checkpoint --

@@ -266,6 +266,12 @@ def test_deepcopy_and_hooks_behave_like_torch_optim() -> None:
     cloned_steps = [int(s["step"]) for s in clone.state.values()]
     assert cloned_steps == [2, 2, 2, 2]
     assert "Adafactor" in repr(opt)
+    # The copy is a working optimizer of its own parameters (deepcopy copied them too).
+    params = [p for g in clone.param_groups for p in g["params"]]
+    for p in params:
+        p.grad = torch.ones_like(p)
+    clone.step()
+    assert [int(clone.state[p]["step"]) for p in params] == [3, 3, 3, 3]
 
 
 def test_partition_routes_by_parameter_name() -> None:
@@ -281,3 +287,43 @@ def test_partition_routes_by_parameter_name() -> None:
     assert torch.equal(m.bias, before["bias"])
     assert torch.allclose(m.weight, 0.5 * before["weight"])
     assert set(opt.state[m.bias]) == {"step"}
+
+
+@pytest.mark.parametrize("compile", [False, True], ids=["eager", "compiled"])
+def test_non_finite_gradients_skip_the_parameter(compile: bool) -> None:
+    """A NaN/Inf gradient leaves that parameter and its state (step included) untouched, other
+    parameters update, and the skipped-update counter counts it, with no host sync."""
+    m = Tiny()
+    opt = afx.optim.Optimizer(m.parameters(), adafactor_chain(), compile=compile,
+                              skip_nonfinite=True)
+    train([m], opt, batches(2))
+    before = {n: p.detach().clone() for n, p in m.named_parameters()}
+    state = {k: v.clone() for k, v in opt.state[m.weight].items()}
+    m(batches(1, seed=4)[0]).backward()
+    m.weight.grad[0, 0] = float("nan")
+    m.bias.grad[1] = float("inf")
+    opt.step()
+    assert torch.equal(m.weight, before["weight"]) and torch.equal(m.bias, before["bias"])
+    assert all(torch.equal(opt.state[m.weight][k], v) for k, v in state.items())
+    assert not torch.equal(m.kernel, before["kernel"])
+    assert int(opt.state[m.kernel]["step"]) == 3 and int(opt.state[m.weight]["step"]) == 2
+    assert int(opt.skipped_updates) == 2
+
+
+def test_grad_scaler_drives_the_optimizer() -> None:
+    """torch.amp.GradScaler.step(opt) works: it unscales, skips steps with overflow, and the
+    optimizer trains normally otherwise."""
+    m = Tiny()
+    opt = afx.Adafactor8Bit(m.parameters(), lr=1e-2, relative_step=False, compile=False)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    start = [p.detach().clone() for p in m.parameters()]
+    for i, x in enumerate(batches(5)):
+        opt.zero_grad()
+        scaler.scale(m(x)).backward()
+        if i == 2:
+            m.weight.grad[0, 0] = float("inf")   # an overflow: the scaler skips this step
+        scaler.step(opt)
+        scaler.update()
+    assert int(opt.state[m.weight]["step"]) == 4
+    assert scaler.get_scale() < 2.0**10
+    assert max_rel_diff(list(m.parameters()), start) > 1e-4
