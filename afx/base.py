@@ -169,7 +169,10 @@ def per_leaf(
         leaves, spec = optree.tree_flatten(updates)
         states = spec.flatten_up_to(state)
         param_leaves = [None] * len(leaves) if params is None else spec.flatten_up_to(params)
-        out = [_update_scalar_as_vector(update_leaf, u, s, p, hyper) if u.ndim == 0
+        # An empty tensor has nothing to update; its statistics (means over empty dims) would
+        # be NaN, so its state is left as initialised.
+        out = [(u, s) if u.numel() == 0 else
+               _update_scalar_as_vector(update_leaf, u, s, p, hyper) if u.ndim == 0
                else update_leaf(u, s, p, hyper)
                for u, s, p in zip(leaves, states, param_leaves)]
         return spec.unflatten([o[0] for o in out]), spec.unflatten([o[1] for o in out])

@@ -115,6 +115,10 @@ def check_options(group: Mapping[str, Any]) -> None:
             _fail("beta3", group["beta3"], "must be in [0, 1)")
         if group["beta1"] is None:
             _fail("beta3", group["beta3"], "CAME (beta3) needs momentum: set beta1")
+        if group["beta1"] == 0:
+            # Stricter than the package: the residual (u − m)² would be identically zero, and
+            # the confidence (then eps_came-sized) would blow the update up by ~1e8.
+            _fail("beta1", 0.0, "CAME (beta3) needs beta1 > 0")
         if group["apollo_rank"] == 0 and not group["factored"]:
             _fail("beta3", group["beta3"], "CAME (beta3) needs factored=True without APOLLO")
     for option, off in _NOT_YET.items():
