@@ -17,7 +17,7 @@ from afx.base import (
     stateless,
 )
 from afx.combine import Skipped, chain, masked, named_chain, partition, rename_hyperparams
-from afx.optim import Adafactor, Adafactor8Bit
+from afx.optim import Adafactor, Adafactor8Bit, build_param_groups
 
 __version__ = "0.1.0"
 
@@ -30,6 +30,7 @@ __all__ = [
     "Hyperparam",
     "Skipped",
     "apply_updates",
+    "build_param_groups",
     "chain",
     "count_steps",
     "masked",

@@ -51,7 +51,7 @@ def _is_number(value: Any) -> bool:
 
 
 def static_config(group: Mapping[str, Any]) -> tuple:
-    """The part of a param group that shapes the graph: all but numbers, params and their names.
+    """The part of a param group that shapes the graph: all but numbers and names.
 
     A number is dynamic; whether it is ``None`` is static (``beta1=None`` means no momentum).
     """
@@ -67,7 +67,7 @@ def static_config(group: Mapping[str, Any]) -> tuple:
         return value
 
     return tuple(sorted((k, freeze(v)) for k, v in group.items()
-                        if k not in ("params", "param_names")))
+                        if k not in ("params", "param_names", "group_name")))
 
 
 class Optimizer(torch.optim.Optimizer):

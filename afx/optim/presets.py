@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, NamedTuple
 
@@ -42,6 +42,8 @@ class Preset:
         apollo_targets: default substrings of parameter names that select APOLLO targets.
         apollo_min_dim_multiplier: a target needs ``min(shape) >= rank * multiplier``.
         nd_factored: whether ``nd_factored=True`` (factored N-D route under G2) is allowed.
+        grouping: the topology ``grouping="auto"`` stands for (G1 for every built-in preset;
+            "auto" differs from explicit G1 only in the default state precision).
     """
 
     primary: Mapping[str, Any]
@@ -50,8 +52,7 @@ class Preset:
     apollo_targets: tuple[str, ...] = ()
     apollo_min_dim_multiplier: int = 1
     nd_factored: bool = False
-    # Every preset starts from the protected topology; "auto" changes only state precision.
-    grouping: str = field(default="G1", repr=False)
+    grouping: str = "G1"
 
 
 # Plain step: the update is scaled by lr alone and weight decay by lr·λ (decoupled).
@@ -127,6 +128,8 @@ _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, nn.I
           nn.InstanceNorm2d, nn.InstanceNorm3d, nn.LayerNorm, nn.GroupNorm,
           nn.LocalResponseNorm, nn.RMSNorm)
 _PROTECTED = ("one_d", "embedding", "lm_head")
+_TIED_TARGET = ("apollo_targets matched only the lm_head name of a weight tied to the token "
+                "embedding")
 
 
 class _Tensor(NamedTuple):
@@ -194,9 +197,10 @@ def _check_route_option(route: str, option: str, value: Any) -> None:
     key = f"{route}_{option}"
     if option == "m_quant_type" and value not in M_TYPES:
         _fail(key, value, f"one of {M_TYPES}")
-    if option in ("v_quant_type", "c_quant_type") and value not in V_TYPES and not (
-            option == "c_quant_type" and value is None):
-        _fail(key, value, f"one of {V_TYPES}" + (" or None" if option == "c_quant_type" else ""))
+    if option == "v_quant_type" and value not in V_TYPES:
+        _fail(key, value, f"one of {V_TYPES}")
+    if option == "c_quant_type" and value is not None and value not in V_TYPES:
+        _fail(key, value, f"None or one of {V_TYPES}")
     if option == "lr" and not (isinstance(value, (int, float)) and not isinstance(value, bool)
                                and value >= 0):
         _fail(key, value, "a number >= 0")
@@ -236,11 +240,10 @@ def _parse_overrides(overrides: Mapping[str, Any]
             raise NotImplementedError("build_param_groups(policy=...) is not implemented in afx "
                                       "yet; edit the returned groups instead")
         elif key in _CONSTRUCTOR_ONLY:
-            raise TypeError(f"build_param_groups() got {key}={value!r}: pass {key} to the "
-                            f"optimizer (or use a route option such as other_{key})"
-                            if key in _ROUTE_OPTIONS else
-                            f"build_param_groups() got {key}={value!r}: pass {key} to the "
-                            "optimizer")
+            raise TypeError(f"build_param_groups() got {key}={value!r}: {key} is an optimizer "
+                            "option; pass it to afx.Adafactor8Bit"
+                            + (f" or per route as <route>_{key}" if key in _ROUTE_OPTIONS
+                               else ""))
         else:
             raise TypeError(f"build_param_groups() got an unknown keyword argument {key!r}")
     for route, options in routes.items():
@@ -264,7 +267,7 @@ def _default_quantize(preset: str, topology: str, auto: bool, route: str) -> boo
     if route == "embedding" and topology == "G2":
         return False
     if route in ("embedding", "lm_head") and topology == "G1":
-        # Explicit G1 protects both; "auto" only where the preset has no momentum to lean on.
+        # Explicit G1 keeps both in float32; "auto" only for the adafactor and rmsprop presets.
         return False if not auto or preset in ("adafactor", "rmsprop") else None
     return None
 
@@ -321,11 +324,9 @@ def _on_apollo(t: _Tensor, role: str, rank: int, targets: tuple[str, ...], expli
         return False
     if explicit and role == "embedding" and t.head_names and not named(t.token_names):
         # Only the lm_head alias of a tied weight was targeted: it stays the embedding.
-        message = ("apollo_targets matched only the lm_head name of a weight tied to the token "
-                   f"embedding ({', '.join(t.names)}); it stays on the 'embedding' route. Target "
-                   "one of its embedding names to put it on APOLLO")
-        if message not in notes:
-            notes.append(message)
+        if not any(note.startswith(_TIED_TARGET) for note in notes):  # once per call
+            notes.append(f"{_TIED_TARGET} ({', '.join(t.names)}); it stays on the 'embedding' "
+                         "route. Target one of its embedding names to put it on APOLLO")
         return False
     if not (rank > 0 and t.param.ndim == 2 and min(t.param.shape) >= rank * multiplier):
         return False
@@ -550,8 +551,8 @@ def build_param_groups(
         raise RuntimeError("build_param_groups(): a parameter was placed twice or not at all")
     made = {g["group_name"] for g in groups}
     for route in route_options:
-        if route not in made and not (route == "lm_head" and "lm_head" in route_options
-                                      and tied):
+        # A tied head already has its own warning above.
+        if route not in made and not (route == "lm_head" and tied):
             notes.append(f"route options for {route!r} ("
                          f"{', '.join(f'{route}_{o}' for o in route_options[route])}) match "
                          f"no group: grouping {grouping!r} of preset {name!r} made "
