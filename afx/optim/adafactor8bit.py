@@ -80,6 +80,11 @@ def check_options(group: Mapping[str, Any]) -> None:
     eps = group["eps"]
     if not isinstance(eps, (tuple, list)) or len(eps) != 2:
         _fail("eps", eps, "expected a pair (eps1, eps2)")
+    # Checked here too because a path that reads neither (SGD mode) declares no eps.
+    if eps[0] is not None and not eps[0] >= 0:
+        _fail("eps", eps, "eps1 must be >= 0 or None")
+    if not eps[1] >= 0:
+        _fail("eps", eps, "eps2 must be >= 0")
     for key, name in (("quantize", "quantize"), ("factored", "factored"),
                       ("relative_step", "relative_step"), ("maximize", "maximize"),
                       ("scale_parameter", "scale_parameter"),
