@@ -1,7 +1,8 @@
 """A small demo: a character-level model trained on Python's own standard-library sources.
 
-Compares ``torch.optim.AdamW`` with ``afx.Adafactor`` (compiled) on the same data and prints the
-validation loss, the optimizer-state bytes and the time per step of each. Needs no download: the
+Compares ``torch.optim.AdamW`` with ``afx.Adafactor``, ``afx.Adafactor8Bit`` (8-bit states) and
+its CAME preset (all compiled) on the same data and prints the validation loss, the
+optimizer-state bytes and the time per step of each. Needs no download: the
 text is read from the standard library's ``.py`` files.
 
 Run ``python -m afx.demo --help`` for the options.
@@ -57,10 +58,16 @@ def make_optimizer(name: str, model: torch.nn.Module) -> torch.optim.Optimizer:
         return torch.optim.AdamW(model.parameters(), lr=3e-3)
     if name == "afx-adafactor":
         return afx.Adafactor(model.parameters(), lr=3e-3, relative_step=False, beta1=0.9)
+    if name == "afx-adafactor8bit":
+        return afx.Adafactor8Bit(model.parameters(), lr=1e-2, relative_step=False, beta1=0.9,
+                                 min_8bit_size=1024)
+    if name == "afx-came":
+        groups = afx.build_param_groups(model, "came")
+        return afx.Adafactor8Bit(groups, lr=2e-4, min_8bit_size=1024)
     raise ValueError(f"unknown optimizer {name!r}")
 
 
-OPTIMIZERS = ("adamw", "afx-adafactor")
+OPTIMIZERS = ("adamw", "afx-adafactor", "afx-adafactor8bit", "afx-came")
 
 
 def main(argv: list[str] | None = None) -> None:
