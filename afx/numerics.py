@@ -25,3 +25,9 @@ def factored_rsqrt(row: Tensor, col: Tensor, floor: Tensor | float) -> Tensor:
     """
     row_mean = torch.clamp(row.mean(dim=-1, keepdim=True), min=floor)
     return (row / row_mean).rsqrt().unsqueeze(-1) * col.rsqrt().unsqueeze(-2)
+
+
+def clip_rms(u: Tensor, d: Tensor | float) -> Tensor:
+    """``u / max(1, RMS(u)/d)``; ``d = 0`` leaves ``u`` unchanged."""
+    denom = torch.clamp(rms(u) / d, min=1.0)
+    return u / torch.where(torch.as_tensor(d) > 0, denom, torch.ones_like(denom))

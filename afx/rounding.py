@@ -9,46 +9,9 @@ from __future__ import annotations
 
 import torch
 
+from afx.counter_rng import MASK32, random_bits
+
 Tensor = torch.Tensor
-_MASK32 = 0xFFFFFFFF
-# Odd multipliers below 2**31: products of 32-bit values stay below 2**63, so int64 math never
-# overflows (signed overflow would be undefined behaviour in Inductor's C++).
-_M1, _M2, _M3 = 0x7FEB352D, 0x2C1B3C6D, 0x297A2D39
-
-
-def _mix32(x: Tensor) -> Tensor:
-    """A 32-bit integer finaliser (xorshift-multiply rounds) on int64 tensors holding uint32."""
-    x = x & _MASK32
-    x = ((x ^ (x >> 16)) * _M1) & _MASK32
-    x = ((x ^ (x >> 15)) * _M2) & _MASK32
-    x = ((x ^ (x >> 16)) * _M3) & _MASK32
-    return x ^ (x >> 15)
-
-
-def random_bits(seed: Tensor, step: Tensor, numel: int, device: torch.device) -> Tensor:
-    """32 pseudo-random bits per element (int64 tensor of ``numel``), a function of the counters.
-
-    Args:
-        seed: integer 0-d tensor (per parameter).
-        step: 0-d tensor, the optimizer step (float or integer).
-        numel: number of elements.
-        device: where to compute.
-
-    Returns:
-        An int64 tensor with values in ``[0, 2**32)``.
-
-    Example:
-        >>> import torch
-        >>> from afx.rounding import random_bits
-        >>> a = random_bits(torch.tensor(7), torch.tensor(3.0), 4, torch.device("cpu"))
-        >>> torch.equal(a, random_bits(torch.tensor(7), torch.tensor(3.0), 4, torch.device("cpu")))
-        True
-    """
-    key = _mix32(_mix32(seed.long() * _M2 + 0x9E3779B9) ^ (step.long() & _MASK32))
-    index = torch.arange(numel, device=device, dtype=torch.int64)
-    return _mix32((index & _MASK32) * _M1 + key + (index >> 32))
-
-
 def stochastic_round(x: Tensor, dtype: torch.dtype, seed: Tensor, step: Tensor) -> Tensor:
     """Rounds float32 ``x`` to ``dtype`` (bfloat16 or float16), up or down at random, unbiased.
 
@@ -92,7 +55,7 @@ def stochastic_round(x: Tensor, dtype: torch.dtype, seed: Tensor, step: Tensor) 
 
 
 def _round_bf16(x: Tensor, bits: Tensor) -> Tensor:
-    raw = x.view(torch.int32).long() & _MASK32
+    raw = x.view(torch.int32).long() & MASK32
     low = raw & 0xFFFF
     down = raw - low
     up = down + 0x10000

@@ -11,7 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import afx
-from afx.rounding import random_bits, stochastic_round
+from afx.counter_rng import random_bits
+from afx.rounding import stochastic_round
 
 LOW = [torch.bfloat16, torch.float16]
 SEED, STEP = torch.tensor(11), torch.tensor(4.0)

@@ -6,10 +6,11 @@ from collections.abc import Iterable, Mapping
 from types import MappingProxyType
 from typing import Any
 
-from afx.base import GradientTransformation
+from afx.base import NON_NEGATIVE, GradientTransformation, hyper_value, hyperparams
 from afx.combine import named_chain, partition
 from afx.optim.optimizer import Optimizer
 from afx.transforms import (
+    StepSize,
     adam_bias_correction,
     add_decayed_weights,
     came_confidence,
@@ -22,6 +23,7 @@ from afx.transforms import (
     quantize_state,
     relative_step,
     scale,
+    scale_by_apollo,
     scale_by_factored_rms,
     scale_by_rms,
     scale_by_step_size,
@@ -46,10 +48,6 @@ DEFAULTS: Mapping[str, Any] = MappingProxyType(dict(
 M_TYPES = ("uf4", "uf8", "d4", "d8", "fp32", "s4", "s8")
 V_TYPES = ("al8", "al16", "fp32")
 
-# Options whose algorithms land with CAME/APOLLO/Fira/stochastic rounding; until then a group
-# that switches one on is refused rather than silently run without it.
-_NOT_YET = {"apollo_rank": 0}
-
 
 def _fail(option: str, value: Any, rule: str) -> None:
     raise ValueError(f"Invalid {option}: {value!r} ({rule})")
@@ -64,7 +62,6 @@ def check_options(group: Mapping[str, Any]) -> None:
 
     Raises:
         ValueError: naming the option and its value.
-        NotImplementedError: for options whose algorithm afx does not provide yet.
     """
     sgd = group["beta2"] is None and group["beta2_decay"] is None
     if group["beta2_decay"] is not None and group["beta2_decay"] > 0:
@@ -85,12 +82,12 @@ def check_options(group: Mapping[str, Any]) -> None:
         _fail("eps", eps, "eps1 must be >= 0 or None")
     if not eps[1] >= 0:
         _fail("eps", eps, "eps2 must be >= 0")
-    for key, name in (("quantize", "quantize"), ("factored", "factored"),
-                      ("relative_step", "relative_step"), ("maximize", "maximize"),
-                      ("scale_parameter", "scale_parameter"),
-                      ("scale_weight_decay", "scale_weight_decay")):
-        if not isinstance(group[key], bool):
-            _fail(name, group[key], "expected True or False")
+    for name in ("quantize", "factored", "relative_step", "maximize", "scale_parameter",
+                 "scale_weight_decay", "apollo_factorize", "apollo_cache_proj",
+                 "apollo_scale_front", "enable_fira_for_apollo", "enable_fira_for_adafactor",
+                 "stochastic_round_writeback"):
+        if not isinstance(group[name], bool):
+            _fail(name, group[name], "expected True or False")
     if group["quantize"]:
         bs = group["block_size"]
         if not isinstance(bs, int) or bs < 128 or bs % 128:
@@ -106,6 +103,12 @@ def check_options(group: Mapping[str, Any]) -> None:
         _fail("c_quant_type", group["c_quant_type"], f"None or one of {V_TYPES}")
     if not isinstance(group["min_8bit_size"], int) or group["min_8bit_size"] < 0:
         _fail("min_8bit_size", group["min_8bit_size"], "must be an int >= 0")
+    rank = group["apollo_rank"]
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 0:
+        _fail("apollo_rank", rank, "must be an int >= 0 (0 turns APOLLO off)")
+    gap = group["apollo_update_proj_gap"]
+    if isinstance(gap, bool) or not isinstance(gap, (int, float)) or not gap >= 1:
+        _fail("apollo_update_proj_gap", gap, "must be a number of steps >= 1")
     if group["apollo_rank"] > 0 and group["apollo_scale_type"] not in ("channel", "tensor"):
         _fail("apollo_scale_type", group["apollo_scale_type"], "'channel' or 'tensor'")
     if group["apollo_scale"] < 0:
@@ -126,12 +129,6 @@ def check_options(group: Mapping[str, Any]) -> None:
             _fail("beta1", 0.0, "CAME (beta3) needs beta1 > 0")
         if group["apollo_rank"] == 0 and not group["factored"]:
             _fail("beta3", group["beta3"], "CAME (beta3) needs factored=True without APOLLO")
-    for option, off in _NOT_YET.items():
-        if group[option] != off:
-            raise NotImplementedError(
-                f"{option}={group[option]!r} is not implemented in afx yet (APOLLO is a "
-                "separate work item); "
-                f"use {option}={off!r}")
 
 
 def adafactor8bit(group: Mapping[str, Any]) -> GradientTransformation:
@@ -190,7 +187,7 @@ def adafactor8bit(group: Mapping[str, Any]) -> GradientTransformation:
 
     rho = (relative_step(capped_by_lr=True, lr=group["lr"]) if group["relative_step"]
            else learning_rate(group["lr"]))
-    alpha = rho * param_rms(group["eps"][1]) if group["scale_parameter"] else rho
+    alpha = base_alpha = rho * param_rms(group["eps"][1]) if group["scale_parameter"] else rho
     if corrected:
         alpha = alpha * adam_bias_correction(beta2 is not None, beta1, beta2 or 0.999)
     elif corrected_v:
@@ -225,6 +222,36 @@ def adafactor8bit(group: Mapping[str, Any]) -> GradientTransformation:
                   ("descent", scale(-1.0))]
         return _quantized(named_chain(*parts), group)
 
+    def apollo_route() -> GradientTransformation:
+        # adafactor8bit 0.4.6: the scaled full-rank gradient goes through the optional front
+        # scale, Fira (or the plain clip; both measure the norm before Fira), the back scale,
+        # then α_t·κ. Weight decay uses α_t without the bias correction κ.
+        front = group["apollo_scale_front"]
+        root_scale = scale_by_step_size(_square_root_of("apollo_scale", group["apollo_scale"]))
+        parts = [("maximize", scale(-1.0))] if group["maximize"] else []
+        parts.append(("apollo", scale_by_apollo(
+            group["apollo_rank"], proj_gap=group["apollo_update_proj_gap"],
+            scale_type=group["apollo_scale_type"], decay_rate=decay_rate, beta2=beta2,
+            momentum=beta1 is not None, beta1=beta1_default, eps=group["apollo_eps"],
+            factorize=group["apollo_factorize"], confidence=group["beta3"] is not None,
+            beta3=group["beta3"] or 0.9999, eps_came=group["eps_came"],
+            clip_threshold=group["d"], cache_proj=group["apollo_cache_proj"])))
+        if front:
+            parts.append(("apollo_scale", root_scale))
+        parts.append(("fira", fira_limit(group["fira_margin"], group["d"]))
+                     if group["enable_fira_for_apollo"] else ("clip", clip_by_rms(group["d"])))
+        if not front:
+            parts.append(("apollo_scale", root_scale))
+        step = base_alpha
+        if (beta1 is not None and not group["relative_step"]
+                and group["bias_correction"] is not False):
+            step = step * adam_bias_correction(beta2 is not None, beta1, beta2 or 0.999)
+        parts += [("step_size", scale_by_step_size(step)),
+                  ("weight_decay", add_decayed_weights(
+                      group["weight_decay"], base_alpha if group["scale_weight_decay"] else rho)),
+                  ("descent", scale(-1.0))]
+        return _quantized(named_chain(*parts), group)
+
     if sgd:
         routes = {"sgd": route(None, None, heavy=beta1 is not None)}
     else:
@@ -249,9 +276,19 @@ def adafactor8bit(group: Mapping[str, Any]) -> GradientTransformation:
             "elementwise": route(elementwise, ema(beta1) if beta1 is not None and momentum_only
                                  else None),
         }
+    if group["apollo_rank"] > 0:
+        routes["apollo"] = apollo_route()
+    apollo = group["apollo_rank"] > 0
     factored = group["factored"] and not sgd
     return partition(routes, lambda name, p: "sgd" if sgd else
+                     "apollo" if apollo and p.ndim >= 2 else
                      "factored" if factored and p.ndim >= 2 else "elementwise")
+
+
+def _square_root_of(name: str, default: float) -> StepSize:
+    """``√hyper[name]`` as a step size."""
+    return StepSize(lambda p, h: hyper_value(h, name, default) ** 0.5,
+                    hyperparams(**{name: NON_NEGATIVE._replace(default=default)}))
 
 
 def _quantized(tx: GradientTransformation, group: Mapping[str, Any]) -> GradientTransformation:
@@ -263,7 +300,7 @@ def _quantized(tx: GradientTransformation, group: Mapping[str, Any]) -> Gradient
             fields[name] = (group["v_quant_type"], group["block_size"])
     c_type = group["c_quant_type"] or group["v_quant_type"]
     if c_type != "fp32":
-        for name in ("c_row", "c_col"):
+        for name in ("c_row", "c_col", "res"):
             fields[name] = (c_type, group["block_size"])
     if group["m_quant_type"] != "fp32":
         fields["m"] = (group["m_quant_type"], group["m_block_size"])
@@ -293,6 +330,8 @@ class Adafactor8Bit(Optimizer):
         skip_nonfinite: skip (and count) the update of a parameter whose gradient has a NaN or
             Inf, leaving its parameter and state untouched (default on; the package's CPU
             path would write NaN into the parameter).
+        atomic: undo a step that raises completely, at the cost of a copy of the parameters
+            and state during each step; see :class:`afx.optim.Optimizer`.
         **options: adafactor8bit's options (see :data:`DEFAULTS` for names and defaults).
 
     References:
@@ -313,12 +352,12 @@ class Adafactor8Bit(Optimizer):
                                      "beta2_decay", "clip_threshold": "d"})
 
     def __init__(self, params: Iterable, *, compile: bool | dict = True,
-                 skip_nonfinite: bool = True, **options: Any) -> None:
+                 skip_nonfinite: bool = True, atomic: bool = False, **options: Any) -> None:
         unknown = sorted(set(options) - set(DEFAULTS))
         if unknown:
             raise TypeError(f"Adafactor8Bit got unknown options {unknown}")
         super().__init__(params, adafactor8bit, compile=compile, skip_nonfinite=skip_nonfinite,
-                         **{**DEFAULTS, **options})
+                         atomic=atomic, **{**DEFAULTS, **options})
 
     def stochastic_rounding(self, group: Mapping[str, Any]) -> bool:
         return bool(group["stochastic_round_writeback"])

@@ -1,5 +1,6 @@
 """The transform catalogue: each function returns an :class:`afx.GradientTransformation`."""
 
+from afx.transforms.apollo import scale_by_apollo
 from afx.transforms.came import CameState, came_confidence
 from afx.transforms.clipping import clip_by_rms
 from afx.transforms.factored_rms import FactoredRmsState, RmsState, scale_by_factored_rms
@@ -48,6 +49,7 @@ __all__ = [
     "quantize_state",
     "relative_step",
     "scale",
+    "scale_by_apollo",
     "scale_by_factored_rms",
     "scale_by_learning_rate",
     "scale_by_param_rms",

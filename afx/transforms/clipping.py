@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from afx.base import NON_NEGATIVE, GradientTransformation, hyper_value, hyperparams, stateless
-from afx.numerics import rms
+from afx.numerics import clip_rms
 
 Tensor = torch.Tensor
 
@@ -34,9 +34,7 @@ def clip_by_rms(clip_threshold: float = 1.0) -> GradientTransformation:
     """
 
     def clip(u: Tensor, p: Tensor | None, hyper) -> Tensor:
-        d = hyper_value(hyper, "clip_threshold", clip_threshold)
-        denom = torch.clamp(rms(u) / d, min=1.0)
-        return u / torch.where(torch.as_tensor(d) > 0, denom, torch.ones_like(denom))
+        return clip_rms(u, hyper_value(hyper, "clip_threshold", clip_threshold))
 
     specs = hyperparams(clip_threshold=NON_NEGATIVE._replace(default=clip_threshold))
     return stateless(clip, specs)

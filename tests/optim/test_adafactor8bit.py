@@ -203,13 +203,6 @@ def test_package_code_runs_unchanged_and_unknown_options_fail() -> None:
         afx.Adafactor8Bit([w], blocksize=256)
 
 
-@pytest.mark.parametrize("option", [dict(apollo_rank=16)])
-def test_options_not_implemented_yet_are_refused(option: dict) -> None:
-    """APOLLO raises instead of silently doing nothing."""
-    with pytest.raises(NotImplementedError, match=next(iter(option))):
-        afx.Adafactor8Bit([torch.nn.Parameter(torch.zeros(4, 4))], compile=False, **option)
-
-
 def test_weight_decay_is_more_exact_than_the_package() -> None:
     """Deliberate difference: the package applies decay as p · fl(1 − wλ), a factor that float32
     rounds in steps of 6e-8 (and to exactly 1 below 3e-8), then subtracts the update; afx

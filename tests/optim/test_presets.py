@@ -245,7 +245,7 @@ def test_random_models_match_package(model, args):
 
 def test_apollo_preset_routes(models):
     """The apollo preset with a small rank sends GPT-2's attention/MLP matrices (and nothing
-    else) to an ``apollo`` group with that rank; afx's optimizer refuses that group for now."""
+    else) to an ``apollo`` group with that rank, which afx's optimizer accepts."""
     model = models["gpt2"]
     groups = build_param_groups(model, "apollo", apollo_rank=16)
     names = {id(p): n for n, p in model.named_parameters()}
@@ -254,8 +254,7 @@ def test_apollo_preset_routes(models):
     assert sorted(names[id(p)].split(".")[-2] for p in apollo["params"]) == sorted(
         ["c_attn", "c_proj", "c_fc", "c_proj"] * 2)
     assert all(g["apollo_rank"] == 0 for g in groups if g is not apollo)
-    with pytest.raises(NotImplementedError, match="apollo_rank"):
-        afx.Adafactor8Bit(groups, compile=False)
+    afx.Adafactor8Bit(groups, compile=False)
     # The default rank (256) exceeds every dimension of this model: no APOLLO group at all.
     assert "apollo" not in [g["group_name"] for g in build_param_groups(model, "apollo")]
 
@@ -283,13 +282,16 @@ def test_classification(models):
 
 
 def test_afx_accepts_every_preset(models):
-    """Every non-APOLLO group of every preset × grouping is accepted by afx.Adafactor8Bit and
-    takes one eager step on the tied model (the apollo preset's default rank selects nothing)."""
+    """Every group of every preset × grouping is accepted by afx.Adafactor8Bit and takes one
+    eager step on the tied model (APOLLO with rank 2 and with its default rank, which selects
+    nothing on this model)."""
     base = models["tied"]
-    for preset in PRESETS:
+    runs = [(preset, {}) for preset in PRESETS] + [("apollo", dict(apollo_rank=2))]
+    for preset, extra in runs:
         for grouping in ("auto", "G0", "G1", "G2"):
             model = copy.deepcopy(base)
-            opt = afx.Adafactor8Bit(build_param_groups(model, preset, grouping), compile=False)
+            groups = build_param_groups(model, preset, grouping, **extra)
+            opt = afx.Adafactor8Bit(groups, compile=False)
             sum(p.square().mean() for p in model.parameters()).backward()
             before = [p.detach().clone() for p in model.parameters()]
             opt.step()

@@ -1,0 +1,85 @@
+"""Counter-based random numbers: pure functions of (seed, counter, element index).
+
+No generator state: the same counters give the same numbers in eager mode, inside a compiled
+graph, in another process and on every rank, so optimizers can draw randomness (stochastic
+rounding, APOLLO's projections) inside ``torch.compile``'d steps and still resume exactly.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+Tensor = torch.Tensor
+
+MASK32 = 0xFFFFFFFF
+# Odd multipliers below 2**31: products of 32-bit values stay below 2**63, so int64 math never
+# overflows (signed overflow would be undefined behaviour in Inductor's C++).
+_M1, _M2, _M3 = 0x7FEB352D, 0x2C1B3C6D, 0x297A2D39
+
+
+def _mix32(x: Tensor) -> Tensor:
+    """A 32-bit integer finaliser (xorshift-multiply rounds) on int64 tensors holding uint32."""
+    x = x & MASK32
+    x = ((x ^ (x >> 16)) * _M1) & MASK32
+    x = ((x ^ (x >> 15)) * _M2) & MASK32
+    x = ((x ^ (x >> 16)) * _M3) & MASK32
+    return x ^ (x >> 15)
+
+
+def random_bits(seed: Tensor, step: Tensor, numel: int, device: torch.device) -> Tensor:
+    """32 pseudo-random bits per element (int64 tensor of ``numel``), a function of the counters.
+
+    Args:
+        seed: integer 0-d tensor (per parameter).
+        step: 0-d tensor, the optimizer step (float or integer).
+        numel: number of elements.
+        device: where to compute.
+
+    Returns:
+        An int64 tensor with values in ``[0, 2**32)``.
+
+    Example:
+        >>> import torch
+        >>> from afx.counter_rng import random_bits
+        >>> a = random_bits(torch.tensor(7), torch.tensor(3.0), 4, torch.device("cpu"))
+        >>> torch.equal(a, random_bits(torch.tensor(7), torch.tensor(3.0), 4, torch.device("cpu")))
+        True
+    """
+    key = _mix32(_mix32(seed.long() * _M2 + 0x9E3779B9) ^ (step.long() & MASK32))
+    index = torch.arange(numel, device=device, dtype=torch.int64)
+    return _mix32((index & MASK32) * _M1 + key + (index >> 32))
+
+
+def normal(seed: Tensor, counter: Tensor, shape: tuple[int, ...], device: torch.device) -> Tensor:
+    """Standard normal float32 samples of ``shape``, a function of ``(seed, counter)``.
+
+    Box–Muller on two 24-bit uniforms per element: ``√(−2 ln u₁) · cos(2π u₂)`` with
+    ``u₁ ∈ (0, 1]`` (so the logarithm is finite) and ``u₂ ∈ [0, 1)``.
+
+    Args:
+        seed: integer 0-d tensor.
+        counter: 0-d tensor (float or integer), e.g. how many draws this seed has made.
+        shape: output shape.
+        device: where to compute.
+
+    Returns:
+        A float32 tensor of ``shape``.
+
+    References:
+        Box & Muller, "A Note on the Generation of Random Normal Deviates", 1958.
+
+    Example:
+        >>> import torch
+        >>> from afx.counter_rng import normal
+        >>> z = normal(torch.tensor(3), torch.tensor(1.0), (20000,), torch.device("cpu"))
+        >>> round(z.mean().item(), 1), round(z.std().item(), 1)
+        (0.0, 1.0)
+    """
+    numel = math.prod(shape)
+    bits = random_bits(seed, counter, 2 * numel, device).reshape(numel, 2) >> 8
+    u1 = (bits[:, 0] + 1).float() * 2.0 ** -24
+    u2 = bits[:, 1].float() * 2.0 ** -24
+    z = torch.sqrt(-2.0 * torch.log(u1)) * torch.cos((2.0 * math.pi) * u2)
+    return z.reshape(shape)
