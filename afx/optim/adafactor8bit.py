@@ -7,8 +7,10 @@ from types import MappingProxyType
 from typing import Any
 
 from afx.base import NON_NEGATIVE, GradientTransformation, hyper_value, hyperparams
+from afx.codecs import get_codec
 from afx.combine import named_chain, partition
 from afx.optim.optimizer import Optimizer
+from afx.optim.package_checkpoint import apollo_v_floor, from_package, is_package_state_dict
 from afx.transforms import (
     StepSize,
     adam_bias_correction,
@@ -229,7 +231,7 @@ def adafactor8bit(group: Mapping[str, Any]) -> GradientTransformation:
         front = group["apollo_scale_front"]
         root_scale = scale_by_step_size(_square_root_of("apollo_scale", group["apollo_scale"]))
         parts = [("maximize", scale(-1.0))] if group["maximize"] else []
-        parts.append(("apollo", scale_by_apollo(
+        parts.append(("low_rank", scale_by_apollo(
             group["apollo_rank"], proj_gap=group["apollo_update_proj_gap"],
             scale_type=group["apollo_scale_type"], decay_rate=decay_rate, beta2=beta2,
             momentum=beta1 is not None, beta1=beta1_default, eps=group["apollo_eps"],
@@ -250,7 +252,7 @@ def adafactor8bit(group: Mapping[str, Any]) -> GradientTransformation:
                   ("weight_decay", add_decayed_weights(
                       group["weight_decay"], base_alpha if group["scale_weight_decay"] else rho)),
                   ("descent", scale(-1.0))]
-        return _quantized(named_chain(*parts), group)
+        return _quantized(named_chain(*parts), group, apollo=True)
 
     if sgd:
         routes = {"sgd": route(None, None, heavy=beta1 is not None)}
@@ -291,13 +293,19 @@ def _square_root_of(name: str, default: float) -> StepSize:
                     hyperparams(**{name: NON_NEGATIVE._replace(default=default)}))
 
 
-def _quantized(tx: GradientTransformation, group: Mapping[str, Any]) -> GradientTransformation:
+def _quantized(tx: GradientTransformation, group: Mapping[str, Any], *,
+               apollo: bool = False) -> GradientTransformation:
     if not group["quantize"]:
         return tx
-    fields: dict[str, tuple[str, int]] = {}
+    fields: dict[str, tuple[Any, int]] = {}
     if group["v_quant_type"] != "fp32":
         for name in ("v_row", "v_col", "v"):
             fields[name] = (group["v_quant_type"], group["block_size"])
+        if apollo:
+            # The package floors the codes of APOLLO's low-rank V at apollo_eps² (values
+            # below it are dominated by apollo_eps anyway).
+            fields["v"] = (get_codec(group["v_quant_type"], floor_log2=apollo_v_floor(group)),
+                           group["block_size"])
     c_type = group["c_quant_type"] or group["v_quant_type"]
     if c_type != "fp32":
         for name in ("c_row", "c_col", "res"):
@@ -361,6 +369,18 @@ class Adafactor8Bit(Optimizer):
 
     def stochastic_rounding(self, group: Mapping[str, Any]) -> bool:
         return bool(group["stochastic_round_writeback"])
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Loads a checkpoint saved by afx or by adafactor8bit 0.4.6's ``Adafactor8Bit``.
+
+        A package checkpoint's states are decoded with the package's block layout and
+        re-encoded in afx's; its group options replace the current ones (as torch does).
+        APOLLO: a cached package projection (``apollo_cache_proj=True``) is used until afx's
+        next refresh, which then draws afx's own (the two random streams differ).
+        """
+        if is_package_state_dict(state_dict):
+            state_dict = from_package(self, state_dict)
+        super().load_state_dict(state_dict)
 
     def hyper_values(self, group: Mapping[str, Any]) -> Mapping[str, Any]:
         eps1, eps2 = group["eps"]

@@ -12,7 +12,7 @@ from afx.codecs import Codec, get_codec
 from afx.tree import flatten_state
 
 Tensor = torch.Tensor
-FieldSpec = str | tuple[str, int]
+FieldSpec = str | Codec | tuple[str | Codec, int]
 
 
 def _is_namedtuple(node: Any) -> bool:
@@ -53,8 +53,9 @@ def quantize_state(inner: GradientTransformation, fields: Mapping[str, FieldSpec
 
     Args:
         inner: the transformation whose state to store; applied one parameter at a time.
-        fields: state field name -> codec name (see :mod:`afx.codecs`), or ``(codec name,
-            block size)``; e.g. ``{"v": "al8", "m": "uf8"}``. Fields of any NamedTuple in the
+        fields: state field name -> codec (a name from :mod:`afx.codecs` or a
+            :class:`~afx.codecs.Codec`), or ``(codec, block size)``; e.g.
+            ``{"v": "al8", "m": ("uf8", 256)}``. Fields of any NamedTuple in the
             state with these names are stored encoded.
         block_size: default number of elements per block of statistics.
         min_numel: parameters with fewer elements keep all their states in float32.
@@ -79,8 +80,9 @@ def quantize_state(inner: GradientTransformation, fields: Mapping[str, FieldSpec
     """
     codecs: dict[str, tuple[Codec, int]] = {}
     for name, spec in fields.items():
-        codec_name, block = (spec, block_size) if isinstance(spec, str) else spec
-        codecs[name] = (get_codec(codec_name), block)
+        codec, block = spec if isinstance(spec, tuple) and not isinstance(spec, Codec) else (
+            spec, block_size)
+        codecs[name] = (codec if isinstance(codec, Codec) else get_codec(codec), block)
     shapes: dict[tuple, dict[str, tuple[int, ...]]] = {}
 
     def template_shapes(p: Tensor) -> dict[str, tuple[int, ...]]:
