@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,8 @@ README = (ROOT / "README.md").read_text()
 
 def test_python_examples_run() -> None:
     """Every ```python block runs, in order, in one namespace (asserts inside must hold)."""
-    blocks = re.findall(r"```python\n(.*?)```", README, flags=re.S)
+    # Blocks inside list items are indented; the indentation is Markdown's, not Python's.
+    blocks = [textwrap.dedent(b) for b in re.findall(r"```python\n(.*?)```", README, flags=re.S)]
     assert len(blocks) >= 2
     namespace: dict = {}
     for block in blocks:
