@@ -101,6 +101,8 @@ class Adafactor(Optimizer):
         relative_step: step size ``min(1e-2, 1/√t)`` instead of ``lr``.
         warmup_init: relative step ``min(1e-6·t, 1/√t)``.
         compile: see :class:`afx.optim.Optimizer`.
+        atomic: undo a step that raises completely, at the cost of a copy of the parameters
+            and state during each step; see :class:`afx.optim.Optimizer`.
 
     References:
         Shazeer & Stern, "Adafactor: Adaptive Learning Rates with Sublinear Memory Cost", 2018.
@@ -124,9 +126,10 @@ class Adafactor(Optimizer):
                  eps: tuple[float, float] = (1e-30, 1e-3), clip_threshold: float = 1.0,
                  decay_rate: float = -0.8, beta1: float | None = None, weight_decay: float = 0.0,
                  scale_parameter: bool = True, relative_step: bool = True,
-                 warmup_init: bool = False, *, compile: bool | dict = True) -> None:
+                 warmup_init: bool = False, *, compile: bool | dict = True,
+                 atomic: bool = False) -> None:
         _check_options(lr, relative_step, warmup_init)
-        super().__init__(params, adafactor, compile=compile, lr=lr, eps=eps,
+        super().__init__(params, adafactor, compile=compile, atomic=atomic, lr=lr, eps=eps,
                          clip_threshold=clip_threshold, decay_rate=decay_rate, beta1=beta1,
                          weight_decay=weight_decay, scale_parameter=scale_parameter,
                          relative_step=relative_step, warmup_init=warmup_init)

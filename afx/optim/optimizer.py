@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import itertools
 from collections.abc import Callable, Iterable, Mapping
 from types import MappingProxyType
@@ -25,6 +26,35 @@ class _Plan(NamedTuple):
     bucket: tuple
     keys: tuple[str, ...]          # state[p] keys of the transformation's state, in leaf order
     spec: optree.PyTreeSpec        # structure of the transformation's state
+
+
+class _Call(NamedTuple):
+    """One call of a bucket function in a step: everything but the state tensors themselves."""
+
+    bucket: tuple
+    fn: Callable
+    tx: GradientTransformation
+    param: Tensor
+    plan: _Plan
+    hyper: dict[str, Tensor]
+    seed: Tensor | None
+    skipped: Tensor | None
+
+
+#: An undo log entry: the parameter it concerns (``None`` for optimizer-wide entries) and the
+#: function that reverts one change made to the optimizer's state during a step.
+_Undo = tuple[Tensor | None, Callable[[], Any]]
+
+
+def _twin(t: Tensor | None) -> Tensor | None:
+    """A detached copy of ``t`` that a compiled function sees exactly like ``t`` (same class,
+    dtype, shape, strides, device and ``requires_grad``), so guards set on it hold for ``t``."""
+    if t is None:
+        return None
+    copy = t.detach().clone()
+    if isinstance(t, torch.nn.Parameter):
+        return torch.nn.Parameter(copy, requires_grad=t.requires_grad)
+    return copy.requires_grad_(t.requires_grad)
 
 
 def _init(tx: GradientTransformation, param: Tensor, name: str | None) -> CountState:
@@ -96,8 +126,24 @@ class Optimizer(torch.optim.Optimizer):
         skip_nonfinite: skip the update of any parameter whose gradient has a NaN or Inf:
             its parameter and state (step count included) stay as they were, and
             :attr:`skipped_updates` counts it. Decided on the device, without a host sync.
+        atomic: make every step all-or-nothing: a step that raises anything (including
+            ``KeyboardInterrupt``) leaves parameters, state and :attr:`skipped_updates`
+            exactly as they were. Costs, during each step, a copy of every parameter that has
+            a gradient and of its state (released when the step ends), and the time to make
+            it. Without it (default, no extra memory), a step still changes nothing when it
+            fails before its first write (see below), but a failure while parameters are being
+            written (out of memory, an interrupt) leaves the parameters already written
+            updated; the exception then carries a note saying how many.
         **defaults: param-group defaults; with a transformation (not a factory) they extend
             the defaults it declares.
+
+    Failures a step detects before it writes anything, so that they leave parameters and state
+    untouched in either mode: invalid hyperparameters in any group, unsupported gradients,
+    errors while creating state, and errors of a bucket's update function the first time it
+    runs (tracing and compilation included). The latter are found by running each new bucket
+    function once on copies of its first parameter, gradient and state before the step's
+    first write: a transient copy of one parameter and its state per new bucket, on the first
+    step (and after a new shape, dtype or option appears).
 
     Example:
         >>> import torch, afx
@@ -119,7 +165,7 @@ class Optimizer(torch.optim.Optimizer):
 
     def __init__(self, params: Iterable, tx: GradientTransformation | TxFactory, *,
                  compile: bool | dict = True, skip_nonfinite: bool = False,
-                 **defaults: Any) -> None:
+                 atomic: bool = False, **defaults: Any) -> None:
         if isinstance(tx, GradientTransformation):
             transformation = tx
             self._factory: TxFactory = lambda group: transformation
@@ -128,8 +174,11 @@ class Optimizer(torch.optim.Optimizer):
             self._factory = tx
         else:
             raise TypeError(f"tx must be a GradientTransformation or a factory, got {tx!r}")
+        if not isinstance(atomic, bool):
+            raise ValueError(f"Invalid atomic: {atomic!r} (expected True or False)")
         self._compile = compile
         self._skip_nonfinite = skip_nonfinite
+        self._atomic = atomic
         self._skipped: dict[torch.device, Tensor] = {}
         self._reset_caches()
         super().__init__(params, defaults)
@@ -138,12 +187,14 @@ class Optimizer(torch.optim.Optimizer):
     def _reset_caches(self) -> None:
         self._txs: dict[tuple, GradientTransformation] = {}
         self._buckets: dict[tuple, Callable] = {}
+        self._verified: set[tuple] = set()   # buckets whose function has run successfully
         self._plans: dict[Tensor, _Plan] = {}
         self._mirrors: dict[tuple[int, torch.device], dict[str, Tensor]] = {}
         self._mirrored: dict[tuple[int, torch.device], dict[str, Any]] = {}
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
+        self.__dict__.setdefault("_atomic", False)  # pickled before the option existed
         self._reset_caches()
 
     def __getstate__(self) -> dict:
@@ -151,7 +202,7 @@ class Optimizer(torch.optim.Optimizer):
         # factory and options. Compiled functions and mirrors are caches, rebuilt on demand.
         state = super().__getstate__()
         state.update({k: self.__dict__[k] for k in
-                      ("_factory", "_compile", "_skip_nonfinite", "_skipped")})
+                      ("_factory", "_compile", "_skip_nonfinite", "_atomic", "_skipped")})
         return state
 
     def add_param_group(self, param_group: dict) -> None:
@@ -209,7 +260,7 @@ class Optimizer(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------------------ state --
     def _plan(self, p: Tensor, static: tuple, tx: GradientTransformation,
-              name: str | None) -> _Plan:
+              name: str | None, undo: list[_Undo]) -> _Plan:
         plan = self._plans.get(p)
         if plan is not None and plan.static == static:
             return plan
@@ -217,23 +268,52 @@ class Optimizer(torch.optim.Optimizer):
         keys = tuple(self.state_key_names.get(k, k) for k in flat)
         layout = tuple((k, tuple(t.shape), t.dtype) for k, t in zip(keys, flat.values()))
         bucket = (static, str(spec), layout, tuple(p.shape), p.dtype, p.device)
-        plan = self._plans[p] = _Plan(static, bucket, keys, spec)
-        self._init_state(p, tx, plan, name)
+        plan = _Plan(static, bucket, keys, spec)
+        self._init_state(p, tx, plan, name, undo)
+        undo.append((p, functools.partial(self._restore_plan, p, self._plans.get(p))))
+        self._plans[p] = plan
         return plan
 
+    def _restore_plan(self, p: Tensor, plan: _Plan | None) -> None:
+        if plan is None:
+            self._plans.pop(p, None)
+        else:
+            self._plans[p] = plan
+
+    def _state_of(self, p: Tensor, undo: list[_Undo]) -> dict[str, Tensor]:
+        """``state[p]``, created (and logged in ``undo``) if the parameter has none yet."""
+        if p not in self.state:
+            undo.append((p, functools.partial(self.state.pop, p, None)))
+        return self.state[p]
+
+    @staticmethod
+    def _set_entry(state: dict[str, Tensor], key: str, value: Tensor | None,
+                   undo: list[_Undo], p: Tensor) -> None:
+        """Sets (or with ``None`` deletes) ``state[key]``, logging how to undo it."""
+        old = state.get(key)
+        undo.append((p, functools.partial(state.pop, key, None) if old is None else
+                     functools.partial(state.__setitem__, key, old)))
+        if value is None:
+            del state[key]
+        else:
+            state[key] = value
+
     def _init_state(self, p: Tensor, tx: GradientTransformation, plan: _Plan,
-                    name: str | None) -> None:
+                    name: str | None, undo: list[_Undo]) -> None:
         """Makes ``state[p]`` hold exactly the plan's entries (missing ones from ``tx.init``)."""
-        state = self.state[p]
+        state = self._state_of(p, undo)
         for stale in [k for k in state if k not in ("step", "sr_seed") and k not in plan.keys]:
-            del state[stale]  # from a structure the group's static options no longer produce
+            # From a structure the group's static options no longer produce.
+            self._set_entry(state, stale, None, undo, p)
         if all(k in state for k in plan.keys) and "step" in state:
             return
         fresh = _init(tx, p.detach(), name)
         flat, _ = flatten_state(fresh.inner)
         for key, value in zip(plan.keys, flat.values()):
-            state.setdefault(key, value)
-        state.setdefault("step", fresh.step)
+            if key not in state:
+                self._set_entry(state, key, value, undo, p)
+        if "step" not in state:
+            self._set_entry(state, "step", fresh.step, undo, p)
 
     def _hyper(self, index: int, group: Mapping[str, Any], tx: GradientTransformation,
                device: torch.device) -> dict[str, Tensor]:
@@ -278,7 +358,8 @@ class Optimizer(torch.optim.Optimizer):
             work.append((index, group, params))
         return work
 
-    def _rounding_seeds(self, work: list[tuple[int, dict, list[Tensor]]]) -> dict[Tensor, Tensor]:
+    def _rounding_seeds(self, work: list[tuple[int, dict, list[Tensor]]],
+                        undo: list[_Undo]) -> dict[Tensor, Tensor]:
         """``state[p]["sr_seed"]`` of every low-precision parameter that rounds stochastically.
 
         A new seed is the parameter's 1-based position in ``param_groups``: the same on every
@@ -293,8 +374,11 @@ class Optimizer(torch.optim.Optimizer):
                 continue
             for p in params:
                 if p.dtype in (torch.bfloat16, torch.float16):
-                    seeds[p] = self.state[p].setdefault(
-                        "sr_seed", torch.tensor(position[p], dtype=torch.int64, device=p.device))
+                    state = self._state_of(p, undo)
+                    if "sr_seed" not in state:
+                        self._set_entry(state, "sr_seed", torch.tensor(
+                            position[p], dtype=torch.int64, device=p.device), undo, p)
+                    seeds[p] = state["sr_seed"]
         return seeds
 
     def _param_names(self) -> dict[Tensor, str]:
@@ -319,13 +403,34 @@ class Optimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        # Every check, and the creation of new state, happens before the first update.
+        undo: list[_Undo] = []
+        calls: list[_Call] = []
+        snapshot: list[tuple[Tensor, Tensor]] | None = None
+        started = 0
+        try:
+            # Every check, the creation of new state and the first run of every new bucket
+            # function happen before the first write.
+            calls = self._prepare(undo)
+            self._dry_run(calls)
+            if self._atomic:
+                snapshot = self._snapshot(calls)
+            for call in calls:
+                started += 1
+                call.fn(*self._arguments(call))
+        except BaseException as error:
+            self._recover(error, calls, started, undo, snapshot)
+            raise
+        return loss
+
+    def _prepare(self, undo: list[_Undo]) -> list[_Call]:
+        """Validates, creates missing state and mirrors; returns the step's bucket calls."""
         work = self._check_grads()
         names = self._param_names()
         txs = [self._transformation(group) for _, group, _ in work]
-        plans = [[self._plan(p, static, tx, names.get(p)) for p in params]
+        plans = [[self._plan(p, static, tx, names.get(p), undo) for p in params]
                  for (_, _, params), (static, tx) in zip(work, txs)]
-        seeds = self._rounding_seeds(work)
+        seeds = self._rounding_seeds(work, undo)
+        calls = []
         for (index, group, params), (_, tx), group_plans in zip(work, txs, plans):
             mirrors: dict[torch.device, dict[str, Tensor]] = {}
             for p, plan in zip(params, group_plans):
@@ -336,17 +441,69 @@ class Optimizer(torch.optim.Optimizer):
                 if fn is None:
                     fn = self._buckets[plan.bucket] = bucket_function(
                         f"bucket{len(self._buckets)}", self._compile)
-                state = self.state[p]
-                inner = plan.spec.unflatten([state[k] for k in plan.keys])
                 skipped = None
                 if self._skip_nonfinite:
                     skipped = self._skipped.get(p.device)
                     if skipped is None:
                         skipped = self._skipped[p.device] = torch.zeros(
                             (), dtype=torch.int64, device=p.device)
-                fn(tx, p, p.grad, CountState(state["step"], inner), hyper, seeds.get(p),
-                   skipped)
-        return loss
+                        undo.append((None, functools.partial(self._skipped.pop, p.device, None)))
+                calls.append(_Call(plan.bucket, fn, tx, p, plan, hyper, seeds.get(p), skipped))
+        return calls
+
+    def _arguments(self, call: _Call, copy: Callable[[Tensor | None], Any] | None = None
+                   ) -> tuple:
+        """The bucket function's arguments for ``call``, each tensor passed through ``copy``."""
+        copy = copy or (lambda t: t)
+        state = self.state[call.param]
+        inner = call.plan.spec.unflatten([copy(state[k]) for k in call.plan.keys])
+        return (call.tx, copy(call.param), copy(call.param.grad),
+                CountState(copy(state["step"]), inner), call.hyper, copy(call.seed),
+                copy(call.skipped))
+
+    def _dry_run(self, calls: list[_Call]) -> None:
+        """Runs each bucket function that has not run successfully yet on copies of its first
+        parameter's tensors, so that tracing, compilation and first-run errors surface before
+        the step writes anything. The copies look the same to the compiler's guards, so the
+        real call reuses the compiled graph."""
+        for call in calls:
+            if call.bucket not in self._verified:
+                call.fn(*self._arguments(call, _twin))
+                self._verified.add(call.bucket)
+
+    def _snapshot(self, calls: list[_Call]) -> list[tuple[Tensor, Tensor]]:
+        """Copies of every tensor the step's calls write: parameters, state and counters."""
+        saved: dict[int, tuple[Tensor, Tensor]] = {}
+        for call in calls:
+            state = self.state[call.param]
+            for t in (call.param, state["step"], *(state[k] for k in call.plan.keys),
+                      call.skipped):
+                if t is not None and id(t) not in saved:
+                    saved[id(t)] = (t, t.detach().clone())
+        return list(saved.values())
+
+    def _recover(self, error: BaseException, calls: list[_Call], started: int,
+                 undo: list[_Undo], snapshot: list[tuple[Tensor, Tensor]] | None) -> None:
+        """Puts the optimizer back as it was before a step that raised ``error`` (as far as the
+        mode allows: everything with ``atomic``, else everything not yet written)."""
+        if snapshot is not None:
+            for target, saved in snapshot:
+                target.copy_(saved)
+        if started == 0 or snapshot is not None:
+            for _, revert in reversed(undo):
+                revert()
+            return
+        # Without a snapshot, written parameters keep their new values and matching state;
+        # the others (those not reached yet) are put back as they were.
+        touched = {call.param for call in calls[:started]}
+        for p, revert in reversed(undo):
+            if p is not None and p not in touched:
+                revert()
+        if hasattr(error, "add_note"):
+            error.add_note(
+                f"{type(self).__name__}.step failed after it had started writing "
+                f"{started} of {len(calls)} parameter updates; those keep their new values. "
+                "Construct the optimizer with atomic=True to undo a failed step completely.")
 
     # ------------------------------------------------------------------------- checkpoint --
     def load_state_dict(self, state_dict: dict) -> None:
