@@ -358,6 +358,10 @@ class Adafactor8Bit(Optimizer):
 
     option_names = MappingProxyType({"eps1": "eps[0]", "eps2": "eps[1]", "decay_rate":
                                      "beta2_decay", "clip_threshold": "d"})
+    # Numbers the chain is built from: state layouts (block sizes, the 8-bit threshold, the
+    # APOLLO rank) and the floor of APOLLO's V codes.
+    structural_options = ("block_size", "m_block_size", "min_8bit_size", "apollo_rank",
+                          "apollo_eps")
 
     def __init__(self, params: Iterable, *, compile: bool | dict = True,
                  skip_nonfinite: bool = True, atomic: bool = False, **options: Any) -> None:

@@ -13,7 +13,7 @@ import torch
 
 from afx.base import CountState, GradientTransformation, count_steps
 from afx.optim.compiled import bucket_function
-from afx.tree import flatten_state, param_names
+from afx.tree import flatten_state, param_index, param_names
 
 Tensor = torch.Tensor
 TxFactory = Callable[[Mapping[str, Any]], GradientTransformation]
@@ -57,9 +57,10 @@ def _twin(t: Tensor | None) -> Tensor | None:
     return copy.requires_grad_(t.requires_grad)
 
 
-def _init(tx: GradientTransformation, param: Tensor, name: str | None) -> CountState:
-    """``tx.init(param)`` with the parameter's name visible to name predicates."""
-    with param_names({id(param): name} if name else {}):
+def _init(tx: GradientTransformation, param: Tensor, name: str | None,
+          index: int | None = None) -> CountState:
+    """``tx.init(param)`` with the parameter's name and position visible to the transforms."""
+    with param_names({id(param): name} if name else {}), param_index(index):
         return tx.init(param)
 
 
@@ -80,13 +81,16 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float, Tensor)) and not isinstance(value, bool)
 
 
-def static_config(group: Mapping[str, Any]) -> tuple:
+def static_config(group: Mapping[str, Any], structural: Iterable[str] = ()) -> tuple:
     """The part of a param group that shapes the graph: all but numbers and names.
 
-    A number is dynamic; whether it is ``None`` is static (``beta1=None`` means no momentum).
+    A number is dynamic (whether it is ``None`` is static: ``beta1=None`` means no momentum),
+    except the options named in ``structural``, which shape the state (block sizes, ranks).
     """
-    def freeze(value: Any) -> Any:
-        if _is_number(value):
+    structural = frozenset(structural)
+
+    def freeze(value: Any, key: str | None = None) -> Any:
+        if _is_number(value) and key not in structural:
             return "<number>"
         if isinstance(value, (tuple, list)):
             return tuple(freeze(v) for v in value)
@@ -96,7 +100,7 @@ def static_config(group: Mapping[str, Any]) -> tuple:
             return repr(value)
         return value
 
-    return tuple(sorted((k, freeze(v)) for k, v in group.items()
+    return tuple(sorted((k, freeze(v, k)) for k, v in group.items()
                         if k not in ("params", "param_names", "group_name")))
 
 
@@ -162,6 +166,9 @@ class Optimizer(torch.optim.Optimizer):
     state_key_names: Mapping[str, str] = MappingProxyType({})
     #: user-facing option names of hyperparameters, for error messages.
     option_names: Mapping[str, str] = MappingProxyType({})
+    #: numeric options the transformation is built from (sizes, ranks): a change rebuilds it,
+    #: and groups that differ in one get separate transformations.
+    structural_options: tuple[str, ...] = ()
 
     def __init__(self, params: Iterable, tx: GradientTransformation | TxFactory, *,
                  compile: bool | dict = True, skip_nonfinite: bool = False,
@@ -244,7 +251,7 @@ class Optimizer(torch.optim.Optimizer):
         return group
 
     def _transformation(self, group: Mapping[str, Any]) -> tuple[tuple, GradientTransformation]:
-        static = static_config(group)
+        static = static_config(group, self.structural_options)
         tx = self._txs.get(static)
         if tx is None:
             tx = self._txs[static] = count_steps(self._factory(group))
@@ -307,7 +314,7 @@ class Optimizer(torch.optim.Optimizer):
             self._set_entry(state, stale, None, undo, p)
         if all(k in state for k in plan.keys) and "step" in state:
             return
-        fresh = _init(tx, p.detach(), name)
+        fresh = _init(tx, p.detach(), name, self._positions().get(p))
         flat, _ = flatten_state(fresh.inner)
         for key, value in zip(plan.keys, flat.values()):
             if key not in state:
@@ -358,6 +365,11 @@ class Optimizer(torch.optim.Optimizer):
             work.append((index, group, params))
         return work
 
+    def _positions(self) -> dict[Tensor, int]:
+        """Each parameter's 1-based position in ``param_groups``."""
+        return {p: i + 1 for i, p in enumerate(
+            itertools.chain.from_iterable(g["params"] for g in self.param_groups))}
+
     def _rounding_seeds(self, work: list[tuple[int, dict, list[Tensor]]],
                         undo: list[_Undo]) -> dict[Tensor, Tensor]:
         """``state[p]["sr_seed"]`` of every low-precision parameter that rounds stochastically.
@@ -366,8 +378,7 @@ class Optimizer(torch.optim.Optimizer):
         rank and in every process, and saved with the state so a resumed run draws the same
         bits.
         """
-        position = {p: i + 1 for i, p in enumerate(
-            itertools.chain.from_iterable(g["params"] for g in self.param_groups))}
+        position = self._positions()
         seeds = {}
         for _, group, params in work:
             if not self.stochastic_rounding(group):

@@ -21,6 +21,7 @@ from afx.base import (
 )
 from afx.counter_rng import normal
 from afx.numerics import clip_rms, factored_rsqrt, fp32_zeros
+from afx.tree import current_param_index
 
 Tensor = torch.Tensor
 FLT_MIN = torch.finfo(torch.float32).tiny
@@ -99,7 +100,9 @@ def scale_by_apollo(
     at the cost of one elementwise pass over ``P`` and never needs storing. ``cache_proj``
     keeps it in the state anyway (as ``proj``, the matrix that multiplies ``G``), which lets a
     checkpoint carry a projection made elsewhere; the numbers are the same either way.
-    Parameters get seeds ``seed, seed + 1, ...`` in the order they are initialised.
+    Inside an optimizer, a parameter's seed is ``seed − 1`` plus its 1-based position in
+    ``param_groups``; elsewhere parameters get ``seed, seed + 1, ...`` in the order they are
+    initialised.
 
     Args:
         rank: ``r ≥ 1``, the projection rank.
@@ -175,8 +178,11 @@ def scale_by_apollo(
             raise ValueError(f"scale_by_apollo needs parameters with >= 2 dims, got shape "
                              f"{tuple(p.shape)}; route smaller ones elsewhere (afx.partition)")
         low = low_rank_shape(tuple(p.shape), rank)
-        # Meta tensors are shape templates, not parameters: they must not use up a seed.
-        first = 0 if p.device.type == "meta" else next(seeds)
+        # Inside an optimizer the seed is the parameter's position (unique, the same on every
+        # rank). Meta tensors are shape templates, not parameters: they use up no seed.
+        position = current_param_index()
+        first = (0 if p.device.type == "meta" else
+                 seed - 1 + position if position is not None else next(seeds))
         values: dict[str, Tensor] = {
             "seed": torch.tensor(first, dtype=torch.int64, device=p.device),
             "draws": fp32_zeros((), p), "last_refresh": fp32_zeros((), p),

@@ -313,3 +313,23 @@ def test_came_matches_came_pytorch() -> None:
             model(x).backward()
             o.step()
         assert rel_diff(ours, ref) <= 1e-5
+
+
+def test_groups_differing_only_in_a_size_option_get_their_own_layouts() -> None:
+    """Block sizes, the 8-bit threshold and the APOLLO rank shape the state: groups that differ
+    only in one of them are built separately (numbers that scale the update are shared)."""
+    gen = torch.Generator().manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(16, 512, generator=gen)) for _ in range(4)]
+    opt = afx.Adafactor8Bit([
+        {"params": [params[0]], "block_size": 128},
+        {"params": [params[1]], "block_size": 256},
+        {"params": [params[2]], "apollo_rank": 2, "min_8bit_size": 1 << 30},
+        {"params": [params[3]], "apollo_rank": 4, "min_8bit_size": 1 << 30},
+    ], factored=False, min_8bit_size=1024, compile=False)
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=gen)
+    opt.step()
+    assert opt.state[params[0]]["elementwise.second_moment.v.codes"].shape[-1] == 128
+    assert opt.state[params[1]]["elementwise.second_moment.v.codes"].shape[-1] == 256
+    assert opt.state[params[2]]["apollo.low_rank.v"].shape == (2, 512)
+    assert opt.state[params[3]]["apollo.low_rank.v"].shape == (4, 512)

@@ -220,3 +220,21 @@ def test_rank_and_scale_type_are_validated_per_group() -> None:
         afx.Adafactor8Bit([{"params": [w], "apollo_rank": -1}])
     with pytest.raises(ValueError, match="apollo_update_proj_gap"):
         afx.Adafactor8Bit([w], apollo_rank=2, apollo_update_proj_gap=0)
+
+
+def test_apollo_seeds_are_parameter_positions_across_groups() -> None:
+    """Each parameter's projection seed is its position in param_groups, so same-shaped
+    parameters in groups built separately (here: different quantize flags) still get
+    different projections."""
+    start = torch.randn(32, 16)
+    params = [torch.nn.Parameter(start.clone()) for _ in range(3)]
+    opt = afx.Adafactor8Bit([{"params": params[:2], "quantize": True},
+                             {"params": params[2:], "quantize": False}],
+                            apollo_rank=2, compile=False)
+    for p in params:
+        p.grad = torch.ones_like(p)
+    opt.step()
+    assert [int(opt.state[p]["apollo.low_rank.seed"]) for p in params] == [1, 2, 3]
+    # Same start, same gradient: only the projections can make the steps differ.
+    assert not torch.equal(params[0], params[1])
+    assert not torch.equal(params[0], params[2])
