@@ -20,6 +20,10 @@ def apply_updates(params: PyTree, updates: PyTree) -> PyTree:
     Returns:
         The new parameters; the inputs are not modified.
 
+    References:
+        Babuschkin et al., "The DeepMind JAX Ecosystem", 2020 (optax): updates returned by pure
+        transformations and added to the parameters by the caller.
+
     Example:
         >>> import torch, afx
         >>> params = {"w": torch.ones(2, dtype=torch.bfloat16)}

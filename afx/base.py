@@ -40,6 +40,9 @@ class Hyperparam(NamedTuple):
         high: largest valid value.
         high_inclusive: whether ``high`` itself is valid (``False`` for EMA coefficients in [0, 1)).
 
+    References:
+        None; afx's declaration of the numbers a scheduler may change between steps.
+
     Example:
         >>> import afx
         >>> afx.Hyperparam(0.9, 0.0, 1.0, high_inclusive=False).check("beta1", 0.95)
@@ -88,6 +91,10 @@ class GradientTransformation(NamedTuple):
         hyperparams: the numeric hyperparameters ``update`` reads from ``hyper`` (name ->
             :class:`Hyperparam`). Missing entries of ``hyper`` fall back to the defaults.
 
+    References:
+        Babuschkin et al., "The DeepMind JAX Ecosystem", 2020 (optax):
+        transformations as pairs of pure ``init``/``update`` functions.
+
     Example:
         >>> import torch, afx
         >>> from afx import transforms as T
@@ -105,16 +112,72 @@ class GradientTransformation(NamedTuple):
 
 
 class EmptyState(NamedTuple):
-    """The state of a stateless transform."""
+    """The state of a stateless transform.
+
+    References:
+        None; a placeholder that keeps every leaf of a state tree a NamedTuple.
+
+    Example:
+        >>> import torch
+        >>> from afx import transforms as T
+        >>> T.scale(2.0).init(torch.zeros(3))
+        EmptyState()
+    """
 
 
 def hyperparams(**specs: Hyperparam) -> Mapping[str, Hyperparam]:
-    """Builds an immutable name -> :class:`Hyperparam` mapping."""
+    """Builds an immutable name -> :class:`Hyperparam` mapping.
+
+    Read-only, so a transform's declaration cannot be changed behind the back of graphs that
+    were traced with it.
+
+    Args:
+        **specs: hyperparameter name -> its :class:`Hyperparam`.
+
+    Returns:
+        A read-only mapping.
+
+    References:
+        None; a helper of afx's hyperparameter declarations.
+
+    Example:
+        >>> from afx.base import Hyperparam, hyperparams
+        >>> specs = hyperparams(lr=Hyperparam(1e-3, 0.0))
+        >>> specs["lr"].default
+        0.001
+    """
     return MappingProxyType(dict(specs))
 
 
 def merge_hyperparams(specs: Iterable[Mapping[str, Hyperparam]]) -> Mapping[str, Hyperparam]:
-    """Union of hyperparameter declarations; a name declared twice must agree."""
+    """Union of hyperparameter declarations; a name declared twice must agree.
+
+    Two parts of a chain that read the same name read the same value, so their declarations
+    (default and range) have to be identical.
+
+    Args:
+        specs: the declarations to merge, e.g. the ``hyperparams`` of each part of a chain.
+
+    Returns:
+        A read-only name -> :class:`Hyperparam` mapping.
+
+    Raises:
+        ValueError: if a name is declared twice with different specs.
+
+    References:
+        None; a helper of afx's hyperparameter declarations.
+
+    Example:
+        >>> from afx.base import Hyperparam, hyperparams, merge_hyperparams
+        >>> lr, beta = Hyperparam(0.1, 0.0), Hyperparam(0.9, 0.0, 1.0, high_inclusive=False)
+        >>> sorted(merge_hyperparams([hyperparams(lr=lr), hyperparams(lr=lr, beta1=beta)]))
+        ['beta1', 'lr']
+        >>> merge_hyperparams([hyperparams(lr=lr), hyperparams(lr=lr._replace(default=1.0))])
+        ... # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ValueError: hyperparameter 'lr' is declared twice with different specs ...
+    """
     merged: dict[str, Hyperparam] = {}
     for declared in specs:
         for name, spec in declared.items():
@@ -128,14 +191,52 @@ def merge_hyperparams(specs: Iterable[Mapping[str, Hyperparam]]) -> Mapping[str,
 
 
 def hyper_value(hyper: Hyper | None, name: str, default: float) -> Scalar:
-    """The value of hyperparameter ``name``: ``hyper[name]`` if present, else ``default``."""
+    """The value of hyperparameter ``name``: ``hyper[name]`` if present, else ``default``.
+
+    Args:
+        hyper: the ``hyper`` mapping passed to ``update``, or ``None``.
+        name: the hyperparameter's name.
+        default: the value a transform was built with.
+
+    Returns:
+        ``hyper[name]`` as given (0-d tensor or number), else ``default``.
+
+    References:
+        None; a helper of afx's hyperparameter handling.
+
+    Example:
+        >>> import torch
+        >>> from afx.base import hyper_value
+        >>> hyper_value({"lr": torch.tensor(0.5)}, "lr", 1e-3), hyper_value(None, "lr", 1e-3)
+        (tensor(0.5000), 0.001)
+    """
     if hyper is None:
         return default
     return hyper.get(name, default)
 
 
 def step_count(hyper: Hyper | None) -> Tensor:
-    """The 1-based step count of the current update, as a float32 tensor."""
+    """The 1-based step count of the current update, as a float32 tensor.
+
+    Args:
+        hyper: the ``hyper`` mapping passed to ``update``; must hold ``"step"`` (a tensor or a
+            number).
+
+    Returns:
+        A 0-d float32 tensor.
+
+    Raises:
+        KeyError: if ``hyper`` has no ``"step"`` (the message says to use :func:`count_steps`).
+
+    References:
+        None; a helper of afx's step counting.
+
+    Example:
+        >>> import torch
+        >>> from afx.base import step_count
+        >>> step_count({"step": 3}), step_count({"step": torch.tensor(4)})
+        (tensor(3.), tensor(4.))
+    """
     if hyper is None or "step" not in hyper:
         raise KeyError("this transform needs the step count: wrap the chain in afx.count_steps, "
                        "or pass hyper={'step': ...}")
@@ -159,7 +260,25 @@ def per_leaf(
         specs: the hyperparameters ``update_leaf`` reads.
 
     Returns:
-        The lifted :class:`GradientTransformation`.
+        The lifted :class:`GradientTransformation`. Empty tensors keep their initial state;
+        0-d tensors run as 1-element vectors so their math stays in float32.
+
+    References:
+        Babuschkin et al., "The DeepMind JAX Ecosystem", 2020 (optax):
+        transformations mapped over a tree of parameters.
+
+    Example:
+        >>> import torch
+        >>> from afx.base import per_leaf
+        >>> from afx.transforms import EmaState
+        >>> running_sum = per_leaf(lambda p: EmaState(torch.zeros_like(p)),
+        ...                        lambda u, s, p, h: (s.m + u, EmaState(s.m + u)))
+        >>> params = {"a": torch.zeros(2), "b": torch.zeros(())}
+        >>> state = running_sum.init(params)
+        >>> for _ in range(3):
+        ...     u, state = running_sum.update({"a": torch.ones(2), "b": torch.ones(())}, state)
+        >>> u
+        {'a': tensor([3., 3.]), 'b': tensor(3.)}
     """
 
     def init(params: PyTree) -> PyTree:
@@ -196,12 +315,46 @@ def stateless(
     fn: Callable[[Tensor, Tensor | None, Hyper | None], Tensor],
     specs: Mapping[str, Hyperparam] = MappingProxyType({}),
 ) -> GradientTransformation:
-    """A per-leaf transformation without state: ``update = fn(update, param, hyper)``."""
+    """A per-leaf transformation without state: ``update = fn(update, param, hyper)``.
+
+    Args:
+        fn: ``fn(update, param, hyper) -> update`` for one tensor; ``param`` is ``None`` when
+            ``update`` is called without params.
+        specs: the hyperparameters ``fn`` reads.
+
+    Returns:
+        A :class:`GradientTransformation` whose state is an :class:`EmptyState` per leaf.
+
+    References:
+        Babuschkin et al., "The DeepMind JAX Ecosystem", 2020 (optax).
+
+    Example:
+        >>> import torch
+        >>> from afx.base import stateless
+        >>> clamp = stateless(lambda u, p, h: u.clamp(-1.0, 1.0))
+        >>> clamp.update(torch.tensor([-3.0, 0.5, 2.0]), clamp.init(torch.zeros(3)))[0]
+        tensor([-1.0000,  0.5000,  1.0000])
+    """
     return per_leaf(lambda p: EmptyState(), lambda u, s, p, h: (fn(u, p, h), s), specs)
 
 
 class CountState(NamedTuple):
-    """State of :func:`count_steps`: the number of completed steps and the inner state."""
+    """State of :func:`count_steps`: the number of completed steps and the inner state.
+
+    Attributes:
+        step: 0-d float32 tensor, the number of completed steps (0 after ``init``).
+        inner: the state of the wrapped transformation.
+
+    References:
+        Babuschkin et al., "The DeepMind JAX Ecosystem", 2020 (optax):
+        step counts kept in the state.
+
+    Example:
+        >>> import torch, afx
+        >>> from afx import transforms as T
+        >>> afx.count_steps(T.scale(1.0)).init(torch.zeros(2)).step
+        tensor(0.)
+    """
 
     step: Tensor
     inner: PyTree
@@ -215,6 +368,9 @@ def count_steps(inner: GradientTransformation) -> GradientTransformation:
 
     Returns:
         A transformation with state ``CountState(step, inner_state)``.
+
+    References:
+        Babuschkin et al., "The DeepMind JAX Ecosystem", 2020 (optax).
 
     Example:
         >>> import torch, afx

@@ -31,6 +31,10 @@ def chain(*txs: GradientTransformation) -> GradientTransformation:
     Returns:
         The chained transformation. Its hyperparameters are the union of the parts'.
 
+    References:
+        Babuschkin et al., "The DeepMind JAX Ecosystem", 2020 (optax): composing transformations
+        by chaining them.
+
     Example:
         >>> import torch, afx
         >>> from afx import transforms as T
@@ -67,6 +71,10 @@ def named_chain(*named: tuple[str, GradientTransformation]) -> GradientTransform
 
     Returns:
         The chained transformation.
+
+    References:
+        Babuschkin et al., "The DeepMind JAX Ecosystem", 2020 (optax): chaining, here with named
+        states.
 
     Example:
         >>> import torch, afx
@@ -116,6 +124,10 @@ def partition(transforms: Mapping[str, GradientTransformation],
     Returns:
         The routing transformation.
 
+    References:
+        Babuschkin et al., "The DeepMind JAX Ecosystem", 2020 (optax): routing parameters to
+        different transformations by label.
+
     Example:
         >>> import torch, afx
         >>> from afx import transforms as T
@@ -146,7 +158,18 @@ def partition(transforms: Mapping[str, GradientTransformation],
 
 
 class Skipped(NamedTuple):
-    """Leaf state of a parameter that a :func:`masked` transformation leaves alone."""
+    """Leaf state of a parameter that a :func:`masked` transformation leaves alone.
+
+    References:
+        None; a marker of afx's state trees.
+
+    Example:
+        >>> import torch, afx
+        >>> from afx import transforms as T
+        >>> tx = afx.masked(T.ema(0.9), lambda name, p: p.ndim >= 2)
+        >>> tx.init({"b": torch.zeros(2), "w": torch.zeros(2, 2)})["b"]
+        Skipped()
+    """
 
 
 def masked(inner: GradientTransformation,
@@ -160,6 +183,9 @@ def masked(inner: GradientTransformation,
 
     Returns:
         The masked transformation; unselected parameters get no state.
+
+    References:
+        Babuschkin et al., "The DeepMind JAX Ecosystem", 2020 (optax): masked transformations.
 
     Example:
         >>> import torch, afx
@@ -196,6 +222,10 @@ def rename_hyperparams(tx: GradientTransformation,
 
     Returns:
         The renamed transformation.
+
+    References:
+        Babuschkin et al., "The DeepMind JAX Ecosystem", 2020 (optax): hyperparameters as
+        inputs of the update rather than constants.
 
     Example:
         >>> import afx

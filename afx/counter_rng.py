@@ -40,6 +40,10 @@ def random_bits(seed: Tensor, step: Tensor, numel: int, device: torch.device) ->
     Returns:
         An int64 tensor with values in ``[0, 2**32)``.
 
+    References:
+        Salmon et al., "Parallel random numbers: as easy as 1, 2, 3", 2011: random numbers as
+        a keyed hash of a counter, with no generator state.
+
     Example:
         >>> import torch
         >>> from afx.counter_rng import random_bits

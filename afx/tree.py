@@ -85,7 +85,20 @@ def param_index(index: int | None) -> Iterator[None]:
 
 
 def current_param_index() -> int | None:
-    """The position set by :func:`param_index`, or ``None``."""
+    """The position set by :func:`param_index`, or ``None``.
+
+    Returns:
+        The 1-based index of the parameter whose state is being created, or ``None`` outside
+        a :func:`param_index` context.
+
+    References:
+        None; part of afx's optimizer adapter.
+
+    Example:
+        >>> from afx.tree import current_param_index
+        >>> current_param_index() is None
+        True
+    """
     return _PARAM_INDEX.get()
 
 

@@ -38,6 +38,10 @@ class Codec(NamedTuple):
         decode: ``decode(encoded, shape)`` returns an fp32 tensor of ``shape``.
         nbytes: ``nbytes(numel, block_size)`` is the storage size of the encoded form in bytes.
 
+    References:
+        Dettmers et al., "8-bit Optimizers via Block-wise Quantization", 2022: optimizer states
+        stored as block-wise quantized codes.
+
     Example:
         >>> import torch
         >>> from afx.codecs import get_codec

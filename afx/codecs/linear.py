@@ -48,6 +48,16 @@ class AbsmaxEncoded(NamedTuple):
         codes: uint8, ``(nblocks, block_size)`` for 8-bit codes or ``(nblocks, block_size // 2)``
             for packed 4-bit codes.
         absmax: fp32, ``(nblocks,)``: the block's largest magnitude, at least 1e-12.
+
+    References:
+        Dettmers et al., "8-bit Optimizers via Block-wise Quantization", 2022: block-wise absmax
+        normalisation.
+
+    Example:
+        >>> import torch
+        >>> from afx.codecs import get_codec
+        >>> get_codec("uf8").encode(torch.tensor([1.0, -2.0, 0.5]), 4)
+        AbsmaxEncoded(codes=tensor([[192,   0, 160, 128]], dtype=torch.uint8), absmax=tensor([2.]))
     """
 
     codes: Tensor

@@ -149,6 +149,11 @@ class Optimizer(torch.optim.Optimizer):
     first write: a transient copy of one parameter and its state per new bucket, on the first
     step (and after a new shape, dtype or option appears).
 
+    References:
+        Babuschkin et al., "The DeepMind JAX Ecosystem", 2020 (optax): the functional
+        transformations it runs; Ansel et al., "PyTorch 2: Faster Machine Learning Through
+        Dynamic Python Bytecode Transformation and Graph Compilation", 2024 (``torch.compile``).
+
     Example:
         >>> import torch, afx
         >>> from afx import transforms as T

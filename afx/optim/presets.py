@@ -44,6 +44,15 @@ class Preset:
         nd_factored: whether ``nd_factored=True`` (factored N-D route under G2) is allowed.
         grouping: the topology ``grouping="auto"`` stands for (G1 for every built-in preset;
             "auto" differs from explicit G1 only in the default state precision).
+
+    References:
+        adafactor8bit 0.4.6's presets, the behaviour reference; Zhu et al., "APOLLO: SGD-like
+        Memory, AdamW-level Performance", 2024, for the APOLLO fields.
+
+    Example:
+        >>> from afx.optim.presets import PRESETS
+        >>> PRESETS["apollo"].apollo_rank, PRESETS["adamw"].primary["beta2"]
+        (256, 0.999)
     """
 
     primary: Mapping[str, Any]
@@ -460,7 +469,7 @@ def build_param_groups(
         explicit targets with ``apollo_rank=0``.
 
     References:
-        adafactor8bit 0.4.6 ``build_param_groups`` (presets, groupings, routes); Zhao et al.,
+        adafactor8bit 0.4.6 ``build_param_groups`` (presets, groupings, routes); Zhu et al.,
         "APOLLO: SGD-like Memory, AdamW-level Performance", 2024; Luo et al., "CAME", 2023.
 
     Example:

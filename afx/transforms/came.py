@@ -28,6 +28,16 @@ class CameState(NamedTuple):
         m: the EMA of the (normalised, clipped) updates, the parameter's shape.
         c_row: shape ``(..., R)``.
         c_col: shape ``(..., C)``.
+
+    References:
+        Luo et al., "CAME: Confidence-guided Adaptive Memory Efficient Optimization", 2023.
+
+    Example:
+        >>> import torch
+        >>> from afx import transforms as T
+        >>> T.came_confidence().init(torch.zeros(2, 3))
+        CameState(m=tensor([[0., 0., 0.],
+                [0., 0., 0.]]), c_row=tensor([0., 0.]), c_col=tensor([0., 0., 0.]))
     """
 
     m: Tensor

@@ -28,6 +28,15 @@ class FactoredRmsState(NamedTuple):
     Attributes:
         v_row: shape ``(..., R)``, the EMA of the mean over columns.
         v_col: shape ``(..., C)``, the EMA of the mean over rows.
+
+    References:
+        Shazeer & Stern, "Adafactor: Adaptive Learning Rates with Sublinear Memory Cost", 2018.
+
+    Example:
+        >>> import torch
+        >>> from afx import transforms as T
+        >>> T.scale_by_factored_rms().init(torch.zeros(4, 3))
+        FactoredRmsState(v_row=tensor([0., 0., 0., 0.]), v_col=tensor([0., 0., 0.]))
     """
 
     v_row: Tensor
@@ -35,7 +44,20 @@ class FactoredRmsState(NamedTuple):
 
 
 class RmsState(NamedTuple):
-    """Element-wise EMA ``v`` of ``g² + eps1`` (tensors with fewer than two dims)."""
+    """Element-wise EMA ``v`` of ``g² + eps1`` (tensors with fewer than two dims).
+
+    Attributes:
+        v: float32, the parameter's shape.
+
+    References:
+        Shazeer & Stern, "Adafactor: Adaptive Learning Rates with Sublinear Memory Cost", 2018.
+
+    Example:
+        >>> import torch
+        >>> from afx import transforms as T
+        >>> T.scale_by_factored_rms().init(torch.zeros(3))
+        RmsState(v=tensor([0., 0., 0.]))
+    """
 
     v: Tensor
 

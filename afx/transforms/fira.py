@@ -21,7 +21,22 @@ Tensor = torch.Tensor
 
 
 class FiraState(NamedTuple):
-    """The previous step's limited update norm ``P`` (0-d float32; 0 before the first step)."""
+    """The previous step's limited update norm ``P`` (0-d float32; 0 before the first step).
+
+    Attributes:
+        prev_norm: ``P``; below ``1e-6`` it makes the next step reset the limiter.
+
+    References:
+        Chen et al., "Fira: Can We Achieve Full-rank Training of LLMs Under Low-rank
+        Constraint?", 2024.
+
+    Example:
+        >>> import torch
+        >>> from afx import transforms as T
+        >>> tx = T.fira_limit()
+        >>> tx.update(torch.tensor([3.0, 4.0]), tx.init(torch.zeros(2)), None, {})[1]
+        FiraState(prev_norm=tensor(5.))
+    """
 
     prev_norm: Tensor
 

@@ -13,7 +13,20 @@ Tensor = torch.Tensor
 
 
 class EmaState(NamedTuple):
-    """The moving average ``m`` (float32, the parameter's shape)."""
+    """The moving average ``m`` (float32, the parameter's shape).
+
+    Attributes:
+        m: the EMA of the updates, zero after ``init``.
+
+    References:
+        Polyak, "Some methods of speeding up the convergence of iteration methods", 1964.
+
+    Example:
+        >>> import torch
+        >>> from afx import transforms as T
+        >>> T.ema().init(torch.zeros(2))
+        EmaState(m=tensor([0., 0.]))
+    """
 
     m: Tensor
 

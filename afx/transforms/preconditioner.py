@@ -27,7 +27,21 @@ InverseFn = Callable[[Tensor, Any, Tensor | None, Hyper | None], tuple[Tensor, A
 
 
 class MomentumState(NamedTuple):
-    """A second-moment state ``rms`` and the Adam-style momentum ``m`` (EMA of gradients)."""
+    """A second-moment state ``rms`` and the Adam-style momentum ``m`` (EMA of gradients).
+
+    Attributes:
+        rms: the preconditioner's own state (e.g. a ``SecondMomentState``).
+        m: float32, the parameter's shape.
+
+    References:
+        Kingma & Ba, "Adam: A Method for Stochastic Optimization", 2015.
+
+    Example:
+        >>> import torch
+        >>> from afx import transforms as T
+        >>> T.scale_by_rms(momentum=True).init(torch.zeros(2))
+        MomentumState(rms=SecondMomentState(v=tensor([0., 0.])), m=tensor([0., 0.]))
+    """
 
     rms: Any
     m: Tensor
@@ -47,6 +61,20 @@ def preconditioner(init_leaf: Callable[[Tensor], Any], inverse_leaf: InverseFn,
 
     Returns:
         The per-leaf transformation.
+
+    References:
+        Kingma & Ba, "Adam: A Method for Stochastic Optimization", 2015: momentum and the
+        second moment both estimated from the raw gradient.
+
+    Example:
+        >>> import torch
+        >>> from afx.base import EmptyState
+        >>> from afx.transforms import preconditioner
+        >>> sign = preconditioner(lambda p: EmptyState(),
+        ...                       lambda g, s, p, h: (1.0 / g.abs().clamp(min=1e-12), s),
+        ...                       {}, momentum=False, beta1=0.9)
+        >>> sign.update(torch.tensor([-2.0, 0.5]), sign.init(torch.zeros(2)))[0]
+        tensor([-1.,  1.])
     """
     if momentum:
         specs = merge_hyperparams([specs, {"beta1": Hyperparam(beta1, 0.0, 1.0,

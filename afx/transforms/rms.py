@@ -22,7 +22,20 @@ Tensor = torch.Tensor
 
 
 class SecondMomentState(NamedTuple):
-    """Element-wise EMA ``v`` of ``g²`` (float32, the parameter's shape)."""
+    """Element-wise EMA ``v`` of ``g²`` (float32, the parameter's shape).
+
+    Attributes:
+        v: Adam's second moment, zero after ``init`` and not bias-corrected.
+
+    References:
+        Kingma & Ba, "Adam: A Method for Stochastic Optimization", 2015.
+
+    Example:
+        >>> import torch
+        >>> from afx import transforms as T
+        >>> T.scale_by_rms().init(torch.zeros(2))
+        SecondMomentState(v=tensor([0., 0.]))
+    """
 
     v: Tensor
 

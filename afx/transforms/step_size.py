@@ -32,6 +32,18 @@ Tensor = torch.Tensor
 class StepSize(NamedTuple):
     """A scalar step size ``fn(param, hyper)`` and the hyperparameters it reads.
 
+    Step sizes multiply with ``*``; the product reads the union of both factors'
+    hyperparameters.
+
+    Attributes:
+        fn: ``fn(param, hyper) -> factor``, a number or a 0-d tensor; ``param`` may be ``None``
+            for step sizes that do not depend on it.
+        hyperparams: name -> :class:`afx.Hyperparam` of the hyperparameters ``fn`` reads.
+
+    References:
+        Shazeer & Stern, "Adafactor: Adaptive Learning Rates with Sublinear Memory Cost", 2018:
+        its ``α_t = ρ_t · max(ε₂, RMS(X))`` is the product this type expresses.
+
     Example:
         >>> import torch
         >>> from afx import transforms as T
@@ -58,6 +70,9 @@ def constant(value: float) -> StepSize:
     Returns:
         A :class:`StepSize` without hyperparameters.
 
+    References:
+        None; a building block of afx's step sizes.
+
     Example:
         >>> from afx import transforms as T
         >>> T.constant(-1.0).fn(None, {})
@@ -74,6 +89,9 @@ def learning_rate(lr: float = 1e-3) -> StepSize:
 
     Returns:
         A :class:`StepSize` reading ``hyper["lr"]``.
+
+    References:
+        None; the plain learning rate.
 
     Example:
         >>> import torch
@@ -186,6 +204,15 @@ def adam_bias_correction(second_moment: bool = True, beta1: float = 0.9,
 def second_moment_correction(beta2: float = 0.999) -> StepSize:
     """``√(1 − β₂^t)``: Adam's correction of a zero-initialised second moment alone.
 
+    Args:
+        beta2: default of hyperparameter ``"beta2"`` (in ``[0, 1)``).
+
+    Returns:
+        A :class:`StepSize` reading ``hyper["step"]``.
+
+    References:
+        Kingma & Ba, "Adam: A Method for Stochastic Optimization", 2015.
+
     Example:
         >>> import torch
         >>> from afx import transforms as T
@@ -200,6 +227,18 @@ def second_moment_correction(beta2: float = 0.999) -> StepSize:
 
 def heavy_ball(beta1: float = 0.9) -> StepSize:
     """``1/(1 − β₁)``: turns an EMA of gradients into the heavy-ball sum ``b ← β₁ b + g``.
+
+    The EMA ``m ← β₁ m + (1 − β₁) g`` equals ``(1 − β₁) b``, so the factor restores
+    classical momentum without a second buffer.
+
+    Args:
+        beta1: default of hyperparameter ``"beta1"`` (in ``[0, 1)``), the EMA's coefficient.
+
+    Returns:
+        A :class:`StepSize` independent of the parameter.
+
+    References:
+        Polyak, "Some methods of speeding up the convergence of iteration methods", 1964.
 
     Example:
         >>> from afx import transforms as T
@@ -219,6 +258,10 @@ def scale_by_step_size(step_size: StepSize) -> GradientTransformation:
     Returns:
         A stateless transformation.
 
+    References:
+        Babuschkin et al., "The DeepMind JAX Ecosystem", 2020 (optax): step sizes applied as
+        transformations of the update.
+
     Example:
         >>> import torch
         >>> from afx import transforms as T
@@ -231,6 +274,15 @@ def scale_by_step_size(step_size: StepSize) -> GradientTransformation:
 
 def scale(factor: float) -> GradientTransformation:
     """Multiplies updates by a fixed ``factor`` (typically ``-1`` to turn a step into a descent).
+
+    Args:
+        factor: the factor, a constant of the compiled graph (not a hyperparameter).
+
+    Returns:
+        A stateless transformation.
+
+    References:
+        Babuschkin et al., "The DeepMind JAX Ecosystem", 2020 (optax).
 
     Example:
         >>> import torch
@@ -251,6 +303,9 @@ def scale_by_learning_rate(lr: float = 1e-3, *, flip_sign: bool = True) -> Gradi
     Returns:
         A stateless transformation.
 
+    References:
+        Babuschkin et al., "The DeepMind JAX Ecosystem", 2020 (optax).
+
     Example:
         >>> import torch
         >>> from afx import transforms as T
@@ -266,6 +321,15 @@ def scale_by_relative_step(warmup_init: bool = False) -> GradientTransformation:
     """Multiplies updates by Adafactor's relative step ``min(1e-2, 1/√t)`` (see
     :func:`relative_step`); needs ``hyper["step"]``.
 
+    Args:
+        warmup_init: cap the step at ``1e-6·t`` instead of ``1e-2``.
+
+    Returns:
+        A stateless transformation without hyperparameters.
+
+    References:
+        Shazeer & Stern, "Adafactor: Adaptive Learning Rates with Sublinear Memory Cost", 2018.
+
     Example:
         >>> import torch, afx
         >>> from afx import transforms as T
@@ -278,6 +342,15 @@ def scale_by_relative_step(warmup_init: bool = False) -> GradientTransformation:
 
 def scale_by_param_rms(eps2: float = 1e-3) -> GradientTransformation:
     """Multiplies updates by ``max(eps2, RMS(param))`` (Adafactor's ``scale_parameter``).
+
+    Args:
+        eps2: default of hyperparameter ``"eps2"`` (≥ 0), the floor for near-zero parameters.
+
+    Returns:
+        A stateless transformation; ``update`` needs the params.
+
+    References:
+        Shazeer & Stern, "Adafactor: Adaptive Learning Rates with Sublinear Memory Cost", 2018.
 
     Example:
         >>> import torch
