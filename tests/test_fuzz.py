@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, Phase, assume, example, given, settings
 from hypothesis import strategies as st
 
 import afx
@@ -82,3 +84,101 @@ def test_adafactor_on_odd_shapes_stays_finite(shape: tuple) -> None:
         opt.step()
     assert torch.isfinite(p).all()
     assert all(torch.isfinite(v).all() for v in opt.state[p].values())
+
+
+# ------------------------------------------------------------------------------- compiled --
+# Compiling a new bucket costs ~10 s here, so the compiled fuzz runs few, small examples: the
+# explicit ones cover every odd shape, dtype and preset, the random one varies the rest.
+ODD_SHAPES = [(), (1,), (1, 7), (7, 1), (2, 1, 3, 1, 2), (0,), (3, 0)]
+# "apollo" is left out here while it is being implemented; the main session adds it.
+PRESET_NAMES = ["sgd", "adafactor", "adamw", "rmsprop", "came"]
+COMPILED_OPTIONS = {
+    "stochastic_round_writeback": st.booleans(),
+    "quantize": st.booleans(),
+    "min_8bit_size": st.sampled_from([0, 4096]),
+    "m_quant_type": st.sampled_from(["uf8", "d4", "s4", "fp32"]),
+    "v_quant_type": st.sampled_from(["al8", "al16"]),
+    "enable_fira_for_adafactor": st.booleans(),
+    "maximize": st.booleans(),
+    "weight_decay": st.sampled_from([0.0, 0.1]),
+}
+FP32, BF16, FP16 = torch.float32, torch.bfloat16, torch.float16
+# Parameters are compared relative to their largest magnitude after a few steps: fp32 math in
+# a different order, then rounding to the parameter's dtype (one ulp, possibly a flipped code).
+TOLERANCE = {FP32: 1e-5, BF16: 2.0**-7, FP16: 2.0**-10}
+
+
+def odd_model(params: list[tuple[tuple, torch.dtype]], seed: int) -> torch.nn.Module:
+    model = torch.nn.Module()
+    gen = torch.Generator().manual_seed(seed)
+    for i, (shape, dtype) in enumerate(params):
+        model.register_parameter(f"p{i}", torch.nn.Parameter(
+            torch.randn(shape, generator=gen).to(dtype)))
+    return model
+
+
+# No shrinking: each shrink attempt would compile again.
+@settings(max_examples=1, deadline=None, database=None, phases=[Phase.explicit, Phase.generate],
+          suppress_health_check=[HealthCheck.too_slow])
+@given(st.sampled_from(PRESET_NAMES),
+       st.lists(st.tuples(st.sampled_from(ODD_SHAPES), st.sampled_from(DTYPES)), min_size=1,
+                max_size=1),
+       st.fixed_dictionaries({}, optional=COMPILED_OPTIONS), st.integers(0, 2**16))
+@example("came", [((), BF16), ((2, 1, 3, 1, 2), FP32)],
+         {"quantize": False, "stochastic_round_writeback": True}, 0)
+@example("adafactor", [((1, 7), FP16), ((3, 0), BF16)],
+         {"min_8bit_size": 0, "enable_fira_for_adafactor": True, "weight_decay": 0.1}, 1)
+@example("adamw", [((7, 1), FP32), ((1,), FP16)], {"min_8bit_size": 0, "m_quant_type": "s4"}, 2)
+@example("rmsprop", [((0,), BF16)], {"maximize": True}, 3)
+@example("sgd", [((1,), BF16)], {"stochastic_round_writeback": True, "weight_decay": 0.1}, 4)
+def test_compiled_matches_eager_on_odd_shapes(preset: str, params: list, options: dict,
+                                              seed: int) -> None:
+    """A preset (G0 groups) with drawn options on odd shapes and dtypes, compiled: the first
+    step compiles, later steps (one with a zero gradient) never recompile, every parameter and
+    state stays finite, and the parameters equal the eager run's (fp32: ≤ 1e-5 relative;
+    bf16/fp16: within a couple of ulps of the largest magnitude)."""
+    # Known failure, pinned by test_sgd_preset_compiles_a_0d_parameter below.
+    assume(not (preset == "sgd" and options.get("quantize", True)
+                and any(shape == () for shape, _ in params)))
+    model = odd_model(params, seed)
+    twin = copy.deepcopy(model)
+    optimizers = []
+    for m, compile in ((model, True), (twin, False)):
+        groups = afx.build_param_groups(m, preset, "G0")
+        optimizers.append(afx.Adafactor8Bit(groups, lr=1e-2, block_size=128, m_block_size=32,
+                                            compile=compile, **options))
+    gen = torch.Generator().manual_seed(seed + 1)
+    for step in range(6):
+        grads = [(0.0 if step == 3 else 1.0) * torch.randn(p.shape, generator=gen)
+                 for p in model.parameters()]
+        for m, opt in zip((model, twin), optimizers):
+            for p, g in zip(m.parameters(), grads):
+                p.grad = g.to(p.dtype)
+            if step == 0 or opt is optimizers[1]:
+                opt.step()
+            else:
+                with torch.compiler.set_stance("fail_on_recompile"):
+                    opt.step()
+    for p, q in zip(model.parameters(), twin.parameters()):
+        assert torch.isfinite(p).all()
+        assert all(torch.isfinite(v).all() for v in optimizers[0].state[p].values()
+                   if v.is_floating_point())
+        if p.numel():
+            scale = q.float().abs().max().clamp_min(1e-30)
+            diff = ((p.float() - q.float()).abs().max() / scale).item()
+            assert diff <= TOLERANCE[p.dtype], (tuple(p.shape), p.dtype, diff)
+
+
+@pytest.mark.xfail(strict=True, raises=torch._dynamo.exc.Unsupported,
+                   reason="quantize_state reads a 0-d parameter's template state shapes inside "
+                          "the graph (as shape (1,)), and Dynamo cannot flatten the SGD route's "
+                          "dict state there")
+def test_sgd_preset_compiles_a_0d_parameter() -> None:
+    """Found by the compiled fuzz: the sgd preset (quantize on, the default) fails to compile
+    a 0-d parameter. Strict xfail: remove the marker (and the assume above) once it passes."""
+    model = odd_model([((), FP32)], 0)
+    opt = afx.Adafactor8Bit(afx.build_param_groups(model, "sgd", "G0"), lr=1e-2)
+    model.p0.grad = torch.ones(())
+    before = model.p0.detach().clone()
+    opt.step()
+    assert int(opt.state[model.p0]["step"]) == 1 and not torch.equal(model.p0, before)
