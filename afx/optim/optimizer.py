@@ -527,43 +527,78 @@ class Optimizer(torch.optim.Optimizer):
 
         ``torch.optim.Optimizer.load_state_dict`` casts floating state to the parameter's dtype;
         afx states are float32 statistics or integer codes whatever the parameter's dtype, so
-        they are restored from the saved tensors (only moved to the parameter's device). A
-        ``"step"`` saved as a Python number (as transformers' Adafactor does) becomes a tensor.
+        they are restored from the saved tensors (only moved to the parameter's device, never
+        cast through a temporary copy). A ``"step"`` saved as a Python number (as
+        transformers' Adafactor does) becomes a tensor. As in torch, load pre-hooks may
+        replace the state dict and post-hooks see the loaded state. A checkpoint whose state
+        does not fit (a wrong shape) is refused before anything changes.
         """
-        saved_groups = state_dict["param_groups"]
-        saved_state = {k: dict(v) for k, v in state_dict["state"].items()}
-        super().load_state_dict(state_dict)
-        self._reset_caches()
-        ids = itertools.chain.from_iterable(g["params"] for g in saved_groups)
-        params = itertools.chain.from_iterable(g["params"] for g in self.param_groups)
-        for saved_id, p in zip(ids, params):
-            if saved_id not in saved_state:
-                continue
-            state = self.state[p]
-            for key, value in saved_state[saved_id].items():
-                if isinstance(value, Tensor):
-                    state[key] = value.to(device=p.device)
-                elif key == "step":
-                    state[key] = torch.tensor(float(value), dtype=torch.float32, device=p.device)
-            if "step" in state:
-                state["step"] = state["step"].to(dtype=torch.float32).reshape(())
-        self._check_loaded_state()
+        loaded: dict[str, dict] = {}
 
-    def _check_loaded_state(self) -> None:
+        def take_state(opt: torch.optim.Optimizer, sd: dict) -> dict:
+            # Registered last, so it sees the state dict the user's pre-hooks returned. Torch
+            # then loads only the groups; the state is checked here, before any change.
+            loaded["state"] = self._loaded_state(sd)
+            return {**sd, "state": {}}
+
+        def put_state(opt: torch.optim.Optimizer) -> None:
+            self.state.update(loaded["state"])  # before the user's post-hooks run
+
+        pre = self.register_load_state_dict_pre_hook(take_state)
+        post = self.register_load_state_dict_post_hook(put_state, prepend=True)
+        try:
+            super().load_state_dict(state_dict)
+        finally:
+            pre.remove()
+            post.remove()
+
+    def _loaded_state(self, state_dict: dict) -> dict:
+        """The state ``state_dict`` gives each parameter: tensors moved to the parameter's
+        device and checked against the shapes and dtypes the group's options produce."""
+        saved_groups = state_dict["param_groups"]
+        if len(saved_groups) != len(self.param_groups) or any(
+                len(s["params"]) != len(g["params"])
+                for s, g in zip(saved_groups, self.param_groups)):
+            return dict(state_dict["state"])  # torch raises its own error next
         names = self._param_names()
-        for group in self.param_groups:
-            for p in group["params"]:
-                if not self.state.get(p):
-                    continue
-                _, tx = self._transformation(group)
-                flat, _ = _template(tx, p, names.get(p))
-                state = self.state[p]
-                for key, expected in zip(flat, flat.values()):
-                    key = self.state_key_names.get(key, key)
-                    value = state.get(key)
-                    if value is None:
-                        continue  # created by _plan at the next step
-                    if tuple(value.shape) != tuple(expected.shape):
-                        raise ValueError(f"checkpoint state {key!r} has shape "
-                                         f"{tuple(value.shape)}, expected {tuple(expected.shape)}")
-                    state[key] = value.to(dtype=expected.dtype)
+        loaded: dict = {}
+        owner = {}
+        for saved, group in zip(saved_groups, self.param_groups):
+            options = {**saved, "params": group["params"]}  # the group as it will be loaded
+            for index, p in zip(saved["params"], group["params"]):
+                owner[index] = (p, options)
+        for index, value in state_dict["state"].items():
+            if index not in owner:
+                loaded[index] = value  # state of no parameter: kept as is, as torch does
+                continue
+            p, options = owner[index]
+            state = {}
+            for key, item in value.items():
+                if isinstance(item, Tensor):
+                    state[key] = item.to(device=p.device)
+                elif key == "step":
+                    state[key] = torch.tensor(float(item), dtype=torch.float32, device=p.device)
+                else:
+                    state[key] = item
+            if isinstance(state.get("step"), Tensor):
+                state["step"] = state["step"].to(dtype=torch.float32).reshape(())
+            self._check_state(p, options, state, names.get(p))
+            loaded[p] = state
+        return loaded
+
+    def _check_state(self, p: Tensor, group: Mapping[str, Any], state: dict,
+                     name: str | None) -> None:
+        """Checks loaded state entries against the template; casts them to its dtypes."""
+        if not state:
+            return
+        _, tx = self._transformation(group)
+        flat, _ = _template(tx, p, name)
+        for key, expected in zip(flat, flat.values()):
+            key = self.state_key_names.get(key, key)
+            value = state.get(key)
+            if value is None:
+                continue  # created by _plan at the next step
+            if tuple(value.shape) != tuple(expected.shape):
+                raise ValueError(f"checkpoint state {key!r} has shape "
+                                 f"{tuple(value.shape)}, expected {tuple(expected.shape)}")
+            state[key] = value.to(dtype=expected.dtype)

@@ -327,3 +327,114 @@ def test_grad_scaler_drives_the_optimizer() -> None:
     assert int(opt.state[m.weight]["step"]) == 4
     assert scaler.get_scale() < 2.0**10
     assert max_rel_diff(list(m.parameters()), start) > 1e-4
+
+
+# ------------------------------------------------------------- torch.optim conventions --
+def _adamw_pair() -> tuple[torch.nn.Linear, afx.Adafactor8Bit, torch.nn.Linear,
+                           torch.optim.AdamW]:
+    a = torch.nn.Linear(6, 3)
+    b = copy.deepcopy(a)
+    ours = afx.Adafactor8Bit(afx.build_param_groups(a, "adamw", "G0"), lr=1e-2,
+                             weight_decay=0.1, quantize=False, compile=False)
+    ref = torch.optim.AdamW(b.parameters(), lr=1e-2, betas=(0.9, 0.999), eps=1e-8,
+                            weight_decay=0.1)
+    return a, ours, b, ref
+
+
+def test_zero_grad_and_zero_gradients_behave_like_torch_optim() -> None:
+    """zero_grad() (set_to_none) makes the next step skip every parameter, step counts
+    included; zero_grad(set_to_none=False) leaves zero gradients that are stepped on (decay
+    and momentum still move the parameters), exactly as torch.optim.AdamW does (≤ 1e-6)."""
+    a, ours, b, ref = _adamw_pair()
+    x = batches(1)[0][:6]
+    for _ in range(3):
+        for m, opt in ((a, ours), (b, ref)):
+            opt.zero_grad()
+            m(x).square().sum().backward()
+            opt.step()
+    for m, opt in ((a, ours), (b, ref)):
+        opt.zero_grad()
+        assert all(p.grad is None for p in m.parameters())
+        before = [p.detach().clone() for p in m.parameters()]
+        opt.step()
+        assert max_rel_diff(list(m.parameters()), before) == 0.0
+        assert all(int(opt.state[p]["step"]) == 3 for p in m.parameters())
+        m(x).square().sum().backward()
+        opt.zero_grad(set_to_none=False)
+        assert all(p.grad is not None and not p.grad.any() for p in m.parameters())
+        opt.step()
+        assert all(int(opt.state[p]["step"]) == 4 for p in m.parameters())
+        assert max_rel_diff(list(m.parameters()), before) > 1e-4
+    assert max_rel_diff(a, b) <= 1e-6
+
+
+def test_repr_lists_group_options_like_torch_optim() -> None:
+    """repr(opt) has torch.optim's layout ("Name (", "Parameter Group i", one "    key: value"
+    line per option but params, a blank line between groups, ")") and shows no internal
+    object."""
+    m = Tiny()
+    opt = afx.Adafactor8Bit([{"params": [m.weight, m.kernel]},
+                             {"params": [m.bias, m.scalar], "lr": 0.5}], compile=False)
+    lines = repr(opt).splitlines()
+    assert lines[0] == "Adafactor8Bit (" and lines[-1] == ")"
+    expected = []
+    for i, group in enumerate(opt.param_groups):
+        expected += [""] * (i > 0) + [f"Parameter Group {i}"]
+        expected += [f"    {k}: {group[k]}" for k in sorted(group) if k != "params"]
+    assert lines[1:-1] == expected
+    assert "    lr: 0.5" in lines and not any("function" in line for line in lines)
+
+
+def test_load_hooks_and_no_cast_through_torch(monkeypatch) -> None:
+    """A load pre-hook may replace the state dict (as in torch); a post-hook sees the loaded
+    fp32 state of bf16 parameters; torch's cast-to-parameter-dtype policy is never used."""
+    m = Tiny(torch.bfloat16)
+    opt = afx.Adafactor(m.parameters(), beta1=0.9, compile=False)
+    train([m], opt, batches(2))
+    saved = copy.deepcopy(opt.state_dict())
+    assert sorted(saved["state"]) == [0, 1, 2, 3]
+    assert [g["params"] for g in saved["param_groups"]] == [[0, 1, 2, 3]]
+
+    def replace(o, sd):
+        sd = copy.deepcopy(sd)
+        sd["state"][2]["exp_avg"].fill_(0.25)
+        return sd
+
+    seen = {}
+    opt2 = afx.Adafactor(m.parameters(), beta1=0.9, compile=False)
+    opt2.register_load_state_dict_pre_hook(replace)
+    opt2.register_load_state_dict_post_hook(
+        lambda o: seen.update({k: v.dtype for k, v in o.state[m.weight].items()}))
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("torch's dtype policy was used")
+
+    monkeypatch.setattr(torch.optim.Optimizer, "_process_value_according_to_param_policy",
+                        staticmethod(refuse))
+    opt2.load_state_dict(saved)
+    assert (opt2.state[m.weight]["exp_avg"] == 0.25).all()
+    assert torch.equal(opt2.state[m.bias]["exp_avg"], saved["state"][1]["exp_avg"])
+    assert seen and set(seen.values()) == {torch.float32}
+
+
+@pytest.mark.parametrize("fault, match", [("shape", "exp_avg_sq_row"),
+                                          ("option", "relative_step")])
+def test_a_checkpoint_that_does_not_fit_changes_nothing(fault: str, match: str) -> None:
+    """A checkpoint with a wrongly shaped state, or with group options the optimizer refuses,
+    raises a ValueError naming the culprit; the optimizer keeps its groups and state."""
+    m = Tiny()
+    opt = afx.Adafactor(m.parameters(), beta1=0.9, compile=False)
+    train([m], opt, batches(2))
+    bad = copy.deepcopy(opt.state_dict())
+    bad["param_groups"][0]["weight_decay"] = 0.5
+    if fault == "shape":
+        bad["state"][2]["exp_avg_sq_row"] = torch.zeros(4)
+    else:
+        bad["param_groups"][0]["lr"] = 0.5  # with relative_step=True
+    groups = copy.deepcopy([{k: v for k, v in g.items() if k != "params"}
+                            for g in opt.param_groups])
+    state = {p: dict(s) for p, s in opt.state.items()}
+    with pytest.raises(ValueError, match=match):
+        opt.load_state_dict(bad)
+    assert [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups] == groups
+    assert {p: dict(s) for p, s in opt.state.items()} == state
