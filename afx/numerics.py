@@ -74,7 +74,37 @@ def factored_rsqrt(row: Tensor, col: Tensor, floor: Tensor | float) -> Tensor:
                 [0.5000, 0.2500]])
     """
     row_mean = torch.clamp(row.mean(dim=-1, keepdim=True), min=floor)
-    return (row / row_mean).rsqrt().unsqueeze(-1) * col.rsqrt().unsqueeze(-2)
+    return hoisted((row / row_mean).rsqrt()).unsqueeze(-1) * hoisted(col.rsqrt()).unsqueeze(-2)
+
+
+def hoisted(x: Tensor | float) -> Tensor | float:
+    """``x`` unchanged, but computed once per call of the compiled step, not once per element.
+
+    Inductor inlines cheap pointwise math on small tensors (a step-size scalar, a row or column
+    factor) into every loop that reads the result, and its C++ loops then redo it (``pow``,
+    ``sqrt``, float64 divisions) for each vector of 16 elements of the parameter: 1–3 ns per
+    element. A reduction is always computed in a loop of its own and stored, so routing the
+    small tensor through an ``amax`` over 16 copies (exact for any value, NaN included) makes
+    the big loops just load it.
+
+    Args:
+        x: a 0-d or small tensor, or a Python number (returned as is).
+
+    Returns:
+        ``x``, bit for bit.
+
+    References:
+        None; a workaround for how Inductor's C++ backend schedules scalar math.
+
+    Example:
+        >>> import torch
+        >>> from afx.numerics import hoisted
+        >>> hoisted(torch.tensor(0.3, dtype=torch.float64)).item() == 0.3
+        True
+    """
+    if not isinstance(x, Tensor):
+        return x
+    return x.unsqueeze(-1).expand(*x.shape, 16).amax(dim=-1)
 
 
 def clip_rms(u: Tensor, d: Tensor | float) -> Tensor:
@@ -99,4 +129,4 @@ def clip_rms(u: Tensor, d: Tensor | float) -> Tensor:
         (tensor([0.8485, 1.1314]), tensor([0.3000, 0.4000]))
     """
     denom = torch.clamp(rms(u) / d, min=1.0)
-    return u / torch.where(torch.as_tensor(d) > 0, denom, torch.ones_like(denom))
+    return u / hoisted(torch.where(torch.as_tensor(d) > 0, denom, torch.ones_like(denom)))

@@ -20,7 +20,7 @@ from afx.base import (
     step_count,
 )
 from afx.counter_rng import normal
-from afx.numerics import clip_rms, factored_rsqrt, fp32_zeros
+from afx.numerics import clip_rms, factored_rsqrt, fp32_zeros, hoisted
 from afx.tree import current_param_index
 
 Tensor = torch.Tensor
@@ -214,8 +214,8 @@ def scale_by_apollo(
         proj, new = projection(state, t, hyper, proj_shape(tuple(full_shape), rank),
                                  g.device)
         low = g @ proj if right else proj @ g
-        weight = (1.0 - hyper_value(hyper, "beta2", beta2) if beta2 is not None
-                  else t ** hyper_value(hyper, "decay_rate", decay_rate))
+        weight = hoisted(1.0 - hyper_value(hyper, "beta2", beta2) if beta2 is not None
+                         else t ** hyper_value(hyper, "decay_rate", decay_rate))
         e = hyper_value(hyper, "apollo_eps", eps)
         floor = torch.clamp(torch.as_tensor(e) ** 2, min=FLT_MIN)
         b1 = hyper_value(hyper, "beta1", beta1)

@@ -15,7 +15,7 @@ from afx.base import (
     hyperparams,
     step_count,
 )
-from afx.numerics import factored_rsqrt, fp32_zeros
+from afx.numerics import factored_rsqrt, fp32_zeros, hoisted
 from afx.transforms.preconditioner import preconditioner
 
 Tensor = torch.Tensor
@@ -133,9 +133,10 @@ def scale_by_factored_rms(
             weight = t ** hyper_value(hyper, "decay_rate", decay_rate)
         else:
             weight = 1.0 - hyper_value(hyper, "beta2", beta2)
+        weight = hoisted(weight)
         e1 = hyper_value(hyper, "eps1", eps1)
         sq = g.square() + e1
-        correction = 1.0 - (1.0 - weight) ** t if bias_correction else None
+        correction = hoisted(1.0 - (1.0 - weight) ** t) if bias_correction else None
         if isinstance(state, FactoredRmsState):
             v_row = torch.lerp(state.v_row, sq.mean(dim=-1), weight)
             v_col = torch.lerp(state.v_col, sq.mean(dim=-2), weight)

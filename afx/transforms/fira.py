@@ -15,7 +15,7 @@ from afx.base import (
     merge_hyperparams,
     per_leaf,
 )
-from afx.numerics import fp32_zeros
+from afx.numerics import fp32_zeros, hoisted
 
 Tensor = torch.Tensor
 
@@ -91,11 +91,11 @@ def fira_limit(fira_margin: float = 0.01, clip_threshold: float | None = None
         limiter = torch.clamp(n / (state.prev_norm + 1e-8), min=grow) / grow
         s = torch.where(reset, torch.ones_like(n), 1.0 / limiter)
         prev = torch.where(reset, n, n * s)
-        u = u * s
         if clip_threshold is not None:
             d = torch.as_tensor(hyper_value(hyper, "clip_threshold", clip_threshold))
             denom = torch.clamp(n / (u.numel() ** 0.5 * d), min=1.0)
-            u = u / torch.where(d > 0, denom, torch.ones_like(denom))
+            s = s / torch.where(d > 0, denom, torch.ones_like(denom))
+        u = u * hoisted(s)
         return u, FiraState(prev.float())
 
     return per_leaf(lambda p: FiraState(fp32_zeros((), p)), update_leaf, specs)

@@ -24,7 +24,7 @@ from afx.base import (
     stateless,
     step_count,
 )
-from afx.numerics import rms
+from afx.numerics import hoisted, rms
 
 Tensor = torch.Tensor
 
@@ -269,7 +269,7 @@ def scale_by_step_size(step_size: StepSize) -> GradientTransformation:
         >>> tx.update(torch.ones(2), tx.init(torch.zeros(2)), None, {"lr": 0.25})[0]
         tensor([0.2500, 0.2500])
     """
-    return stateless(lambda u, p, h: u * step_size.fn(p, h), step_size.hyperparams)
+    return stateless(lambda u, p, h: u * hoisted(step_size.fn(p, h)), step_size.hyperparams)
 
 
 def scale(factor: float) -> GradientTransformation:

@@ -12,6 +12,7 @@ from afx.base import (
     merge_hyperparams,
     stateless,
 )
+from afx.numerics import hoisted
 from afx.transforms.step_size import StepSize
 
 Tensor = torch.Tensor
@@ -54,6 +55,6 @@ def add_decayed_weights(weight_decay: float = 0.0,
         lam = hyper_value(hyper, "weight_decay", weight_decay)
         if step_size is not None:
             lam = lam * step_size.fn(p, hyper)
-        return u + lam * p.float()
+        return u + hoisted(lam) * p.float()
 
     return stateless(decay, specs)
