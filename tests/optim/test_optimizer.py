@@ -121,15 +121,33 @@ def test_hyperparameter_changes_reach_the_compiled_graph() -> None:
     assert max_rel_diff(list(m.parameters()), before) == 0.0
 
 
-def test_tensor_lr_is_mirrored() -> None:
-    """A tensor lr of any one-element shape works and is read every step."""
+@pytest.mark.parametrize("shape", [(), (1,), (1, 1)], ids=["0-d", "1", "1x1"])
+def test_tensor_lr_is_mirrored(shape: tuple[int, ...]) -> None:
+    """A tensor lr of any one-element shape is read every step: a run whose lr tensor is
+    edited in place after step 2 equals, bit for bit, a run given the same values as Python
+    floats (the float32 tensor's values, which are not exactly 0.02 and 0.005)."""
+    lr = torch.full(shape, 0.02)
+    first, later = float(lr), float(torch.tensor(0.005))
     a, b = Tiny(), Tiny()
     data = batches(5)
-    train([a], afx.optim.Optimizer(a.parameters(), adafactor_chain(), lr=0.02, compile=False),
-          data)
-    train([b], afx.optim.Optimizer(b.parameters(), adafactor_chain(), lr=torch.tensor([0.02]),
-                                   compile=False), data)
+    opt_a = afx.optim.Optimizer(a.parameters(), adafactor_chain(), lr=first, compile=False)
+    opt_b = afx.optim.Optimizer(b.parameters(), adafactor_chain(), lr=lr, compile=False)
+
+    def change_a(i: int) -> None:
+        if i == 1:
+            opt_a.param_groups[0]["lr"] = later
+
+    def change_b(i: int) -> None:
+        if i == 1:
+            lr.fill_(0.005)
+
+    train([a], opt_a, data, change_a)
+    train([b], opt_b, data, change_b)
     assert max_rel_diff(b, a) == 0.0
+    moved = Tiny()
+    train([moved], afx.optim.Optimizer(moved.parameters(), adafactor_chain(), lr=first,
+                                       compile=False), data)
+    assert max_rel_diff(moved, a) > 0.0  # the edit took effect
 
 
 @pytest.mark.parametrize("compile, dtype", [(False, torch.float32), (False, torch.bfloat16),
