@@ -36,7 +36,29 @@ _APOLLO_NAMES = {"v": "v_low", "m": "m_low", "res": "res_low", "c_row": "conf_ro
 
 
 def is_package_state_dict(state_dict: Mapping[str, Any]) -> bool:
-    """Whether ``state_dict`` was saved by adafactor8bit's optimizer (not by afx)."""
+    """Whether ``state_dict`` was saved by adafactor8bit's optimizer (not by afx).
+
+    The package marks itself by its optimizer-wide seed counters or by per-parameter entries
+    afx never writes (``is_quantized``, ``v_quant_type``).
+
+    Args:
+        state_dict: an optimizer state dict, as ``torch.load`` returns it.
+
+    Returns:
+        ``True`` for a package checkpoint, ``False`` for afx's or torch's own.
+
+    References:
+        None; adafactor8bit 0.4.6's checkpoint layout.
+
+    Example:
+        >>> import torch, afx
+        >>> from afx.optim.package_checkpoint import is_package_state_dict
+        >>> is_package_state_dict({"state": {0: {"step": 3, "v_quant_type": "al8"}}})
+        True
+        >>> opt = afx.Adafactor8Bit(torch.nn.Linear(2, 2).parameters(), compile=False)
+        >>> is_package_state_dict(opt.state_dict())
+        False
+    """
     if "_apollo_seed_counter" in state_dict or "_sr_seed_counter" in state_dict:
         return True
     return any(isinstance(s, Mapping) and ("is_quantized" in s or "v_quant_type" in s)
@@ -83,7 +105,27 @@ def _codec_for(field: str, group: Mapping[str, Any], apollo: bool):
 
 
 def apollo_v_floor(group: Mapping[str, Any]) -> float:
-    """log2 of the floor of APOLLO's low-rank second moment codes: max(apollo_eps², 2^-126)."""
+    """log2 of the floor of APOLLO's low-rank second-moment codes.
+
+    The package floors the values it encodes at ``apollo_eps²`` (never below the smallest
+    normal float32, 2^-126), so afx decodes and re-encodes them with the same floor.
+
+    Args:
+        group: a param group (or options mapping) with an ``apollo_eps`` entry.
+
+    Returns:
+        ``log2(max(apollo_eps², 2^-126))``, a float.
+
+    References:
+        Zhu et al., "APOLLO: SGD-like Memory, AdamW-level Performance", 2024.
+
+    Example:
+        >>> from afx.optim.package_checkpoint import apollo_v_floor
+        >>> apollo_v_floor({"apollo_eps": 2.0 ** -10})
+        -20.0
+        >>> apollo_v_floor({"apollo_eps": 0.0})
+        -126.0
+    """
     return max(math.log2(max(group["apollo_eps"] ** 2, 2.0 ** -126)), -126.0)
 
 
@@ -149,6 +191,22 @@ def from_package(opt: Adafactor8Bit, state_dict: Mapping[str, Any]) -> dict[str,
 
     Raises:
         ValueError: if the groups do not match ``opt``'s, or a state does not fit.
+
+    References:
+        Dettmers et al., "8-bit Optimizers via Block-wise Quantization", 2022 (the block
+        codes); adafactor8bit 0.4.6's checkpoint layout.
+
+    Example:
+        >>> import torch, afx
+        >>> from afx.optim.package_checkpoint import from_package
+        >>> layer = torch.nn.Linear(3, 2, bias=False)
+        >>> opt = afx.Adafactor8Bit(layer.parameters(), compile=False)
+        >>> saved = {"state": {0: {"step": 5, "row_var": torch.ones(2),
+        ...                        "col_var": torch.ones(3), "is_quantized": False}},
+        ...          "param_groups": [{**opt.param_groups[0], "params": [0]}]}
+        >>> converted = from_package(opt, saved)
+        >>> sorted(converted["state"][0]), converted["state"][0]["step"]
+        (['factored.second_moment.v_col', 'factored.second_moment.v_row', 'step'], tensor(5.))
     """
     from afx.optim.adafactor8bit import DEFAULTS
     from afx.optim.optimizer import _init
