@@ -17,8 +17,14 @@ from torch import nn
 
 import afx
 
-# "apollo" is being implemented elsewhere; the main session adds it to this list.
-PRESET_NAMES = ["sgd", "adafactor", "adamw", "rmsprop", "came"]
+PRESET_NAMES = ["sgd", "adafactor", "adamw", "rmsprop", "came", "apollo"]
+# Per-preset overrides: SGD runs with momentum, so that it has a state to checkpoint; APOLLO
+# projects this model's two Linear weights at rank 2 and redraws the projections every 5
+# steps, so a checkpoint at step 7 falls inside a refresh gap and the resumed run crosses a
+# refresh.
+OVERRIDES = {"sgd": {"beta1": 0.9},
+             "apollo": {"apollo_rank": 2, "apollo_update_proj_gap": 5,
+                        "apollo_targets": ("fc", "out")}}
 
 
 class Small(nn.Module):
@@ -81,9 +87,9 @@ Factory = Callable[[nn.Module], afx.Adafactor8Bit]
 def factory(preset: str, variant: str, compile: bool = False) -> Factory:
     """An optimizer for a model: ``fp32`` uses the preset's default (G1) groups; ``quantized``
     puts every parameter in one group (G0) with 8-bit/4-bit states down to tiny tensors;
-    ``sr`` adds stochastic rounding of bfloat16 parameters on top of ``quantized``. SGD runs
-    with momentum, so that it has a state to checkpoint."""
-    overrides = {"beta1": 0.9} if preset == "sgd" else {}
+    ``sr`` adds stochastic rounding of bfloat16 parameters on top of ``quantized``; the
+    preset's :data:`OVERRIDES` apply to all three."""
+    overrides = OVERRIDES.get(preset, {})
 
     def make(model: nn.Module) -> afx.Adafactor8Bit:
         if variant == "fp32":
@@ -151,6 +157,8 @@ def test_eager_resume_is_bit_identical(preset: str, variant: str) -> None:
         assert any(v.dtype == torch.uint8 for s in opt.state.values() for v in s.values())
     if variant == "sr":
         assert all("sr_seed" in s for s in opt2.state.values())
+    if preset == "apollo":
+        assert any(k.startswith("apollo.") for s in opt2.state.values() for k in s)
     assert differences(resumed, opt2, whole, opt) == 0.0
 
 
