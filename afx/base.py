@@ -25,6 +25,8 @@ from typing import Any, NamedTuple
 import optree
 import torch
 
+from afx.sharding import full_numel
+
 Tensor = torch.Tensor
 PyTree = Any
 Hyper = Mapping[str, Any]
@@ -289,8 +291,9 @@ def per_leaf(
         states = spec.flatten_up_to(state)
         param_leaves = [None] * len(leaves) if params is None else spec.flatten_up_to(params)
         # An empty tensor has nothing to update; its statistics (means over empty dims) would
-        # be NaN, so its state is left as initialised.
-        out = [(u, s) if u.numel() == 0 else
+        # be NaN, so its state is left as initialised. (A rank holding no rows of a sharded
+        # parameter still runs: the other ranks' reductions need its part.)
+        out = [(u, s) if full_numel(u) == 0 else
                _update_scalar_as_vector(update_leaf, u, s, p, hyper) if u.ndim == 0
                else update_leaf(u, s, p, hyper)
                for u, s, p in zip(leaves, states, param_leaves)]

@@ -28,7 +28,8 @@ def _mix32(x: Tensor) -> Tensor:
     return x ^ (x >> 15)
 
 
-def random_bits(seed: Tensor, step: Tensor, numel: int, device: torch.device) -> Tensor:
+def random_bits(seed: Tensor, step: Tensor, numel: int, device: torch.device,
+                start: int = 0) -> Tensor:
     """32 pseudo-random bits per element (int64 tensor of ``numel``), a function of the counters.
 
     Args:
@@ -36,6 +37,8 @@ def random_bits(seed: Tensor, step: Tensor, numel: int, device: torch.device) ->
         step: 0-d tensor, the optimizer step (float or integer).
         numel: number of elements.
         device: where to compute.
+        start: index of the first element (the bits of elements ``start .. start + numel``
+            of a longer draw, e.g. one shard of a parameter).
 
     Returns:
         An int64 tensor with values in ``[0, 2**32)``.
@@ -52,7 +55,7 @@ def random_bits(seed: Tensor, step: Tensor, numel: int, device: torch.device) ->
         True
     """
     key = _mix32(_mix32(seed.long() * _M2 + 0x9E3779B9) ^ (step.long() & MASK32))
-    index = torch.arange(numel, device=device, dtype=torch.int64)
+    index = torch.arange(start, start + numel, device=device, dtype=torch.int64)
     return _mix32((index & MASK32) * _M1 + key + (index >> 32))
 
 

@@ -1,20 +1,140 @@
-"""Small numeric helpers shared by transforms."""
+"""Small numeric helpers shared by transforms.
+
+The reductions here span a whole parameter. When the parameter is sharded (see
+:mod:`afx.sharding`), a helper given its local rows computes the statistic of the full logical
+tensor: partial sums all-reduced over the ranks and divided by the global count, or per-row
+statistics gathered from every rank. ``sharded=False`` marks an argument that is not laid out
+like the parameter (APOLLO's replicated low-rank tensors); unsharded, every helper computes
+exactly its single-process expression.
+"""
 
 from __future__ import annotations
 
 import torch
 
+from afx import sharding as _sharding
+
 Tensor = torch.Tensor
 
 
-def rms(x: Tensor) -> Tensor:
+def _is_sharded(sharded: bool) -> bool:
+    return sharded and _sharding.current() is not None
+
+
+def sum_squares(x: Tensor, *, sharded: bool = True) -> Tensor:
+    """Sum of the squares of all elements of the logical tensor, in float32.
+
+    Args:
+        x: a tensor laid out like the current parameter (its local rows when sharded).
+        sharded: ``False`` if ``x`` is the same whole tensor on every rank.
+
+    Returns:
+        A 0-d float32 tensor, the same on every rank.
+
+    References:
+        None; a helper shared by the transforms.
+
+    Example:
+        >>> import torch
+        >>> from afx.numerics import sum_squares
+        >>> sum_squares(torch.tensor([3.0, 4.0]))
+        tensor(25.)
+    """
+    total = x.float().square().sum()
+    return _sharding.all_reduce(total) if _is_sharded(sharded) else total
+
+
+def norm(x: Tensor, *, sharded: bool = True) -> Tensor:
+    """Euclidean norm of the logical tensor (all elements), in float32.
+
+    Args:
+        x: a tensor laid out like the current parameter (its local rows when sharded).
+        sharded: ``False`` if ``x`` is the same whole tensor on every rank.
+
+    Returns:
+        A 0-d float32 tensor: ``torch.linalg.vector_norm(x)`` when unsharded.
+
+    References:
+        None; a helper shared by the transforms.
+
+    Example:
+        >>> import torch
+        >>> from afx.numerics import norm
+        >>> norm(torch.tensor([3.0, 4.0]))
+        tensor(5.)
+    """
+    if _is_sharded(sharded):
+        return sum_squares(x).sqrt()
+    return torch.linalg.vector_norm(x.float())
+
+
+def full_mean(x: Tensor, dim: int, *, sharded: bool = True) -> Tensor:
+    """Mean over ``dim`` of the logical tensor, returned whole (the same on every rank).
+
+    Sharded on dim 0: a mean over dim 0 sums the local rows, all-reduces the sum and divides
+    by the global row count; a mean over another dim is taken locally and the per-row results
+    of every rank are gathered. Either way the result has the shape of the single-process
+    ``x.mean(dim)``.
+
+    Args:
+        x: a tensor laid out like the current parameter (its local rows when sharded).
+        dim: the dim to average over (negative dims count from the end).
+        sharded: ``False`` if ``x`` is the same whole tensor on every rank.
+
+    Returns:
+        The mean, float32 for a float32 ``x``.
+
+    References:
+        None; a helper shared by the transforms (Adafactor's row and column statistics).
+
+    Example:
+        >>> import torch
+        >>> from afx.numerics import full_mean
+        >>> full_mean(torch.tensor([[1.0, 2.0], [3.0, 4.0]]), -2)
+        tensor([2., 3.])
+    """
+    if not _is_sharded(sharded):
+        return x.mean(dim=dim)
+    if dim % x.ndim == 0:
+        return _sharding.all_reduce(x.sum(dim=0)) / _sharding.full_shape(x)[0]
+    return _sharding.gather_rows(x.mean(dim=dim))
+
+
+def all_finite(x: Tensor, *, sharded: bool = True) -> Tensor:
+    """Whether every element of the logical tensor is finite (all ranks agree).
+
+    Args:
+        x: a tensor laid out like the current parameter (its local rows when sharded).
+        sharded: ``False`` if ``x`` is the same whole tensor on every rank.
+
+    Returns:
+        A 0-d bool tensor.
+
+    References:
+        None; a helper of ``skip_nonfinite``.
+
+    Example:
+        >>> import torch
+        >>> from afx.numerics import all_finite
+        >>> all_finite(torch.tensor([1.0, float("nan")]))
+        tensor(False)
+    """
+    if not _is_sharded(sharded):
+        return torch.isfinite(x).all()
+    bad = torch.logical_not(torch.isfinite(x)).sum()
+    return _sharding.all_reduce(bad) == 0
+
+
+def rms(x: Tensor, *, sharded: bool = True) -> Tensor:
     """Root mean square of all elements, accumulated in float32: ``‖x‖₂ / √numel``.
 
     Args:
-        x: a tensor of any shape and floating dtype.
+        x: a tensor of any shape and floating dtype (laid out like the current parameter:
+            its local rows when sharded, see :mod:`afx.sharding`).
+        sharded: ``False`` if ``x`` is the same whole tensor on every rank.
 
     Returns:
-        A 0-d float32 tensor (NaN for an empty ``x``).
+        A 0-d float32 tensor (NaN for an empty ``x``), over the logical tensor.
 
     References:
         None; a helper shared by the transforms.
@@ -25,6 +145,8 @@ def rms(x: Tensor) -> Tensor:
         >>> rms(torch.tensor([3.0, 4.0]))
         tensor(3.5355)
     """
+    if _is_sharded(sharded):
+        return (sum_squares(x) / _sharding.full_numel(x)).sqrt()
     return x.float().square().mean().sqrt()
 
 
@@ -51,16 +173,21 @@ def fp32_zeros(shape: tuple[int, ...] | torch.Size, like: Tensor) -> Tensor:
     return torch.zeros(shape, dtype=torch.float32, device=like.device)
 
 
-def factored_rsqrt(row: Tensor, col: Tensor, floor: Tensor | float) -> Tensor:
+def factored_rsqrt(row: Tensor, col: Tensor, floor: Tensor | float, *,
+                   sharded: bool = True) -> Tensor:
     """``1/√V̂`` for the factored estimate ``V̂ = row colᵀ / max(mean(row), floor)``.
 
     Args:
         row: row statistics, shape ``(..., R)``.
         col: column statistics, shape ``(..., C)``.
         floor: lower bound of ``mean(row)``, so an all-zero row statistic stays finite.
+        sharded: the statistics are whole (the same on every rank) and describe a tensor
+            sharded like the current parameter: return only this rank's rows of ``1/√V̂``.
+            ``False`` for statistics of a tensor that is not sharded.
 
     Returns:
-        ``1/√V̂`` of shape ``(..., R, C)``; leading dims are independent batches.
+        ``1/√V̂`` of shape ``(..., R, C)`` (this rank's rows when sharded); leading dims are
+        independent batches.
 
     References:
         Shazeer & Stern, "Adafactor: Adaptive Learning Rates with Sublinear Memory Cost", 2018:
@@ -74,7 +201,14 @@ def factored_rsqrt(row: Tensor, col: Tensor, floor: Tensor | float) -> Tensor:
                 [0.5000, 0.2500]])
     """
     row_mean = torch.clamp(row.mean(dim=-1, keepdim=True), min=floor)
-    return hoisted((row / row_mean).rsqrt()).unsqueeze(-1) * hoisted(col.rsqrt()).unsqueeze(-2)
+    row_factor = row / row_mean
+    if _is_sharded(sharded):
+        # The row statistic's dim 0 is the parameter's dim 0; the column statistic's only when
+        # it has leading (batch) dims.
+        row_factor = _sharding.local_rows(row_factor)
+        if col.ndim >= 2:
+            col = _sharding.local_rows(col)
+    return hoisted(row_factor.rsqrt()).unsqueeze(-1) * hoisted(col.rsqrt()).unsqueeze(-2)
 
 
 def hoisted(x: Tensor | float) -> Tensor | float:
@@ -107,13 +241,14 @@ def hoisted(x: Tensor | float) -> Tensor | float:
     return x.unsqueeze(-1).expand(*x.shape, 16).amax(dim=-1)
 
 
-def clip_rms(u: Tensor, d: Tensor | float) -> Tensor:
+def clip_rms(u: Tensor, d: Tensor | float, *, sharded: bool = True) -> Tensor:
     """``u / max(1, RMS(u)/d)``; ``d = 0`` leaves ``u`` unchanged.
 
     Args:
         u: the update.
         d: the clipping threshold (number or 0-d tensor, so a scheduler can change it without
             a recompile).
+        sharded: ``False`` if ``u`` is the same whole tensor on every rank (see :func:`rms`).
 
     Returns:
         ``u`` scaled down so its RMS is at most ``d``.
@@ -128,5 +263,5 @@ def clip_rms(u: Tensor, d: Tensor | float) -> Tensor:
         >>> clip_rms(torch.tensor([3.0, 4.0]), 1.0), clip_rms(torch.tensor([0.3, 0.4]), 1.0)
         (tensor([0.8485, 1.1314]), tensor([0.3000, 0.4000]))
     """
-    denom = torch.clamp(rms(u) / d, min=1.0)
+    denom = torch.clamp(rms(u, sharded=sharded) / d, min=1.0)
     return u / hoisted(torch.where(torch.as_tensor(d) > 0, denom, torch.ones_like(denom)))

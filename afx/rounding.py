@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from afx.counter_rng import MASK32, random_bits
+from afx.sharding import element_offset
 
 Tensor = torch.Tensor
 def stochastic_round(x: Tensor, dtype: torch.dtype, seed: Tensor, step: Tensor) -> Tensor:
@@ -47,11 +48,12 @@ def stochastic_round(x: Tensor, dtype: torch.dtype, seed: Tensor, step: Tensor) 
         ([1.0, 1.0078125], 1.001)
     """
     x = x.float()
-    if dtype == torch.bfloat16:
-        return _round_bf16(x, random_bits(seed, step, x.numel(), x.device).view(x.shape))
-    if dtype == torch.float16:
-        return _round_fp16(x, random_bits(seed, step, x.numel(), x.device).view(x.shape))
-    return x.to(dtype)
+    if dtype not in (torch.bfloat16, torch.float16):
+        return x.to(dtype)
+    # Keyed by the element's index in the whole parameter, so a shard draws what a single
+    # process draws for the same elements.
+    bits = random_bits(seed, step, x.numel(), x.device, element_offset(x)).view(x.shape)
+    return _round_bf16(x, bits) if dtype == torch.bfloat16 else _round_fp16(x, bits)
 
 
 def _round_bf16(x: Tensor, bits: Tensor) -> Tensor:

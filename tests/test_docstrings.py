@@ -24,6 +24,8 @@ MODULES = (
     "afx.rounding",
     "afx.tree",
     "afx.numerics",
+    "afx.sharding",
+    "afx.optim.distributed",
     "afx.apply",
     "afx.base",
     "afx.combine",

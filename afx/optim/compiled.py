@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from afx.base import GradientTransformation, Hyper
+from afx.numerics import all_finite
 from afx.rounding import stochastic_round
 
 Tensor = torch.Tensor
@@ -40,7 +41,7 @@ def apply_update(tx: GradientTransformation, param: Tensor, grad: Tensor, state:
             old.copy_(new)
         param.copy_(new_param)
         return
-    finite = torch.isfinite(grad).all()
+    finite = all_finite(grad)  # over the whole parameter: every rank decides alike
     for old, new in zip(_leaves(state), _leaves(new_state)):
         old.copy_(torch.where(finite, new, old))
     param.copy_(torch.where(finite, new_param, param))

@@ -11,7 +11,9 @@ from typing import Any, NamedTuple
 import optree
 import torch
 
+from afx import sharding
 from afx.base import CountState, GradientTransformation, count_steps
+from afx.optim import distributed
 from afx.optim.compiled import bucket_function
 from afx.tree import flatten_state, param_index, param_names
 
@@ -26,6 +28,9 @@ class _Plan(NamedTuple):
     bucket: tuple
     keys: tuple[str, ...]          # state[p] keys of the transformation's state, in leaf order
     spec: optree.PyTreeSpec        # structure of the transformation's state
+    sharding: sharding.Sharding | None = None     # of a DTensor parameter sharded on dim 0
+    storage: tuple[distributed.Storage, ...] = ()  # per key, for a sharded parameter
+    mesh: Any = None
 
 
 class _Call(NamedTuple):
@@ -68,6 +73,22 @@ def _template(tx: GradientTransformation, p: Tensor,
               name: str | None) -> tuple[dict[str, Tensor], optree.PyTreeSpec]:
     """The flat state ``tx`` would create for ``p`` (on the meta device: shapes, no memory)."""
     return flatten_state(_init(tx, torch.empty_like(p, device="meta"), name).inner)
+
+
+def _layout(tx: GradientTransformation, p: Tensor, name: str | None
+            ) -> tuple[dict[str, Tensor], optree.PyTreeSpec, sharding.Sharding | None,
+                       tuple[distributed.Storage, ...]]:
+    """The state template of ``p`` (its local rows for a sharded DTensor), its sharding and,
+    when sharded, how each state tensor is stored (see :mod:`afx.optim.distributed`)."""
+    where = distributed.sharding_of(p, f"parameter {name or tuple(p.shape)}")
+    if where is None:
+        return (*_template(tx, distributed.local(p), name), None, ())
+    rows = distributed.local(p)
+    with sharding.active(where):
+        flat, spec = _template(tx, rows, name)
+        grown, _ = _template(tx, rows.new_empty((where.rows + 1, *rows.shape[1:]),
+                                                device="meta"), name)
+    return flat, spec, where, distributed.storage(flat, grown, where.rows)
 
 
 def _mirror_dtype(device: torch.device) -> torch.dtype:
@@ -276,11 +297,14 @@ class Optimizer(torch.optim.Optimizer):
         plan = self._plans.get(p)
         if plan is not None and plan.static == static:
             return plan
-        flat, spec = _template(tx, p, name)
+        flat, spec, where, storage = _layout(tx, p, name)
         keys = tuple(self.state_key_names.get(k, k) for k in flat)
         layout = tuple((k, tuple(t.shape), t.dtype) for k, t in zip(keys, flat.values()))
-        bucket = (static, str(spec), layout, tuple(p.shape), p.dtype, p.device)
-        plan = _Plan(static, bucket, keys, spec)
+        # A sharded parameter's bucket also depends on its rows (and the graph's collectives
+        # on its process group): each rank compiles its own.
+        bucket = (static, str(spec), layout, tuple(p.shape), p.dtype, p.device, where)
+        plan = _Plan(static, bucket, keys, spec, where, storage,
+                     p.device_mesh if where is not None else None)
         self._init_state(p, tx, plan, name, undo)
         undo.append((p, functools.partial(self._restore_plan, p, self._plans.get(p))))
         self._plans[p] = plan
@@ -319,10 +343,13 @@ class Optimizer(torch.optim.Optimizer):
             self._set_entry(state, stale, None, undo, p)
         if all(k in state for k in plan.keys) and "step" in state:
             return
-        fresh = _init(tx, p.detach(), name, self._positions().get(p))
+        with sharding.active(plan.sharding):
+            fresh = _init(tx, distributed.local(p).detach(), name, self._positions().get(p))
         flat, _ = flatten_state(fresh.inner)
-        for key, value in zip(plan.keys, flat.values()):
+        for i, (key, value) in enumerate(zip(plan.keys, flat.values())):
             if key not in state:
+                if plan.sharding is not None:
+                    value = distributed.wrap(value, plan.storage[i], plan.sharding, plan.mesh)
                 self._set_entry(state, key, value, undo, p)
         if "step" not in state:
             self._set_entry(state, "step", fresh.step, undo, p)
@@ -352,6 +379,7 @@ class Optimizer(torch.optim.Optimizer):
     def _check_grads(self) -> list[tuple[int, dict, list[Tensor]]]:
         """Validates every group and gradient; returns each group's parameters with gradients."""
         work = []
+        names = self._param_names()
         for index, group in enumerate(self.param_groups):
             self._validate_group(group)
             params = []
@@ -366,6 +394,17 @@ class Optimizer(torch.optim.Optimizer):
                 if g.shape != p.shape:
                     raise RuntimeError(f"gradient of shape {tuple(g.shape)} for a parameter of "
                                        f"shape {tuple(p.shape)}")
+                if distributed.is_dtensor(p):
+                    what = f"parameter {names.get(p) or tuple(p.shape)}"
+                    distributed.sharding_of(p, what)
+                    if not distributed.is_dtensor(g) or tuple(g.placements) != tuple(
+                            p.placements):
+                        raise ValueError(
+                            f"{what} is a DTensor placed {tuple(p.placements)} but its "
+                            "gradient is "
+                            + (f"placed {tuple(g.placements)}" if distributed.is_dtensor(g)
+                               else "a plain tensor")
+                            + "; afx needs both placed alike")
                 params.append(p)
             work.append((index, group, params))
         return work
@@ -432,7 +471,8 @@ class Optimizer(torch.optim.Optimizer):
                 snapshot = self._snapshot(calls)
             for call in calls:
                 started += 1
-                call.fn(*self._arguments(call))
+                with sharding.active(call.plan.sharding):
+                    call.fn(*self._arguments(call))
         except BaseException as error:
             self._recover(error, calls, started, undo, snapshot)
             raise
@@ -472,10 +512,15 @@ class Optimizer(torch.optim.Optimizer):
         """The bucket function's arguments for ``call``, each tensor passed through ``copy``."""
         copy = copy or (lambda t: t)
         state = self.state[call.param]
-        inner = call.plan.spec.unflatten([copy(state[k]) for k in call.plan.keys])
-        return (call.tx, copy(call.param), copy(call.param.grad),
-                CountState(copy(state["step"]), inner), call.hyper, copy(call.seed),
-                copy(call.skipped))
+        if call.plan.sharding is None:
+            leaves = [copy(state[k]) for k in call.plan.keys]
+        else:
+            leaves = [copy(distributed.unwrap(state[k], store))
+                      for k, store in zip(call.plan.keys, call.plan.storage)]
+        local = distributed.local
+        return (call.tx, copy(local(call.param)), copy(local(call.param.grad)),
+                CountState(copy(state["step"]), call.plan.spec.unflatten(leaves)), call.hyper,
+                copy(call.seed), copy(call.skipped))
 
     def _dry_run(self, calls: list[_Call]) -> None:
         """Runs each bucket function that has not run successfully yet on copies of its first
@@ -484,7 +529,8 @@ class Optimizer(torch.optim.Optimizer):
         real call reuses the compiled graph."""
         for call in calls:
             if call.bucket not in self._verified:
-                call.fn(*self._arguments(call, _twin))
+                with sharding.active(call.plan.sharding):
+                    call.fn(*self._arguments(call, _twin))
                 self._verified.add(call.bucket)
 
     def _snapshot(self, calls: list[_Call]) -> list[tuple[Tensor, Tensor]]:
@@ -494,8 +540,9 @@ class Optimizer(torch.optim.Optimizer):
             state = self.state[call.param]
             for t in (call.param, state["step"], *(state[k] for k in call.plan.keys),
                       call.skipped):
-                if t is not None and id(t) not in saved:
-                    saved[id(t)] = (t, t.detach().clone())
+                t = None if t is None else distributed.local(t)
+                if t is not None and t.data_ptr() not in saved:
+                    saved[t.data_ptr()] = (t, t.detach().clone())
         return list(saved.values())
 
     def _recover(self, error: BaseException, calls: list[_Call], started: int,
@@ -592,13 +639,20 @@ class Optimizer(torch.optim.Optimizer):
         if not state:
             return
         _, tx = self._transformation(group)
-        flat, _ = _template(tx, p, name)
-        for key, expected in zip(flat, flat.values()):
+        flat, _, where, storage = _layout(tx, p, name)
+        for i, (key, expected) in enumerate(zip(flat, flat.values())):
             key = self.state_key_names.get(key, key)
             value = state.get(key)
             if value is None:
                 continue  # created by _plan at the next step
+            if where is not None:
+                state[key] = distributed.loaded(value, storage[i], where, p.device_mesh, key,
+                                                expected.dtype, distributed.local(p).device)
+                continue
             if tuple(value.shape) != tuple(expected.shape):
                 raise ValueError(f"checkpoint state {key!r} has shape "
                                  f"{tuple(value.shape)}, expected {tuple(expected.shape)}")
             state[key] = value.to(dtype=expected.dtype)
+        for key in ("step", "sr_seed"):
+            if distributed.is_dtensor(state.get(key)):
+                state[key] = state[key].full_tensor()

@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from afx import sharding
 from afx.base import (
     NON_NEGATIVE,
     GradientTransformation,
@@ -20,7 +21,7 @@ from afx.base import (
     step_count,
 )
 from afx.counter_rng import normal
-from afx.numerics import clip_rms, factored_rsqrt, fp32_zeros, hoisted
+from afx.numerics import clip_rms, factored_rsqrt, fp32_zeros, full_mean, hoisted, norm
 from afx.tree import current_param_index
 
 Tensor = torch.Tensor
@@ -177,7 +178,12 @@ def scale_by_apollo(
         if p.ndim < 2:
             raise ValueError(f"scale_by_apollo needs parameters with >= 2 dims, got shape "
                              f"{tuple(p.shape)}; route smaller ones elsewhere (afx.partition)")
-        low = low_rank_shape(tuple(p.shape), rank)
+        shape = sharding.full_shape(p)
+        low = low_rank_shape(shape, rank)
+        # Sharded on dim 0 with R >= C, the low-rank tensors (R, r) are sharded with the
+        # parameter (this rank's rows); their row statistics are kept whole, like Adafactor's.
+        # With R < C they are (r, C), the same on every rank.
+        local = (p.shape[0], rank) if shape[0] >= math.prod(shape[1:]) else low
         # Inside an optimizer the seed is the parameter's position (unique, the same on every
         # rank). Meta tensors are shape templates, not parameters: they use up no seed.
         position = current_param_index()
@@ -186,10 +192,10 @@ def scale_by_apollo(
         values: dict[str, Tensor] = {
             "seed": torch.tensor(first, dtype=torch.int64, device=p.device),
             "draws": fp32_zeros((), p), "last_refresh": fp32_zeros((), p),
-            "proj": fp32_zeros(proj_shape(tuple(p.shape), rank), p),
-            "v": fp32_zeros(low, p), "v_low_row": fp32_zeros(low[:1], p),
-            "v_low_col": fp32_zeros(low[1:], p), "m": fp32_zeros(low, p),
-            "res": fp32_zeros(low, p), "c_row": fp32_zeros(low[:1], p),
+            "proj": fp32_zeros(proj_shape(shape, rank), p),
+            "v": fp32_zeros(local, p), "v_low_row": fp32_zeros(low[:1], p),
+            "v_low_col": fp32_zeros(low[1:], p), "m": fp32_zeros(local, p),
+            "res": fp32_zeros(local, p), "c_row": fp32_zeros(low[:1], p),
             "c_col": fp32_zeros(low[1:], p)}
         return state_type(**{f: values[f] for f in fields})
 
@@ -207,13 +213,21 @@ def scale_by_apollo(
         return proj, kept
 
     def update_leaf(g: Tensor, state: Any, p: Tensor | None, hyper: Hyper | None):
-        full_shape = g.shape
-        g = torch.nan_to_num(g.float(), nan=0.0, posinf=0.0, neginf=0.0).reshape(g.shape[0], -1)
-        right = g.shape[0] >= g.shape[1]
+        local_shape = g.shape
+        shape = sharding.full_shape(g)
+        g = torch.nan_to_num(g.float(), nan=0.0, posinf=0.0, neginf=0.0).reshape(
+            g.shape[0], math.prod(shape[1:]))  # explicit: a shard may hold no rows
+        right = shape[0] >= g.shape[1]
         t = step_count(hyper)
-        proj, new = projection(state, t, hyper, proj_shape(tuple(full_shape), rank),
-                                 g.device)
-        low = g @ proj if right else proj @ g
+        proj, new = projection(state, t, hyper, proj_shape(shape, rank), g.device)
+        if right:
+            low = g @ proj   # this rank's rows of L when sharded
+        else:
+            # L = P G sums over the parameter's rows: this rank's columns of P times its rows
+            # of G, summed over the ranks.
+            low = sharding.all_reduce(sharding.local_rows(proj, 1) @ g)
+        # With R >= C, L is sharded like the parameter; otherwise it is whole on every rank.
+        rows = sharding.local_rows if right else (lambda x: x)
         weight = hoisted(1.0 - hyper_value(hyper, "beta2", beta2) if beta2 is not None
                          else t ** hyper_value(hyper, "decay_rate", decay_rate))
         e = hyper_value(hyper, "apollo_eps", eps)
@@ -222,25 +236,30 @@ def scale_by_apollo(
 
         if factorize:
             sq = low.square()
-            v_row = torch.lerp(state.v_low_row, sq.mean(dim=-1) + FLT_MIN, weight)
-            v_col = torch.lerp(state.v_low_col, sq.mean(dim=-2) + FLT_MIN, weight)
+            v_row = torch.lerp(state.v_low_row, full_mean(sq, -1, sharded=right) + FLT_MIN,
+                               weight)
+            v_col = torch.lerp(state.v_low_col, full_mean(sq, -2, sharded=right) + FLT_MIN,
+                               weight)
             new.update(v_low_row=v_row, v_low_col=v_col)
         else:
             v = torch.lerp(state.v, low.square(), weight)
             new["v"] = v
 
         if confidence:
-            inv = (factored_rsqrt(v_row, v_col, FLT_MIN) if factorize
+            inv = (factored_rsqrt(v_row, v_col, FLT_MIN, sharded=right) if factorize
                    else torch.maximum(v, floor).rsqrt())
-            u0 = clip_rms(low * inv, hyper_value(hyper, "clip_threshold", clip_threshold))
+            u0 = clip_rms(low * inv, hyper_value(hyper, "clip_threshold", clip_threshold),
+                          sharded=right)
             m = torch.lerp(state.m, u0, 1.0 - b1)
             residual = (u0 - m).square() + hyper_value(hyper, "eps_came", eps_came)
             c_weight = 1.0 - hyper_value(hyper, "beta3", beta3)
             if factorize:
-                c_row = torch.lerp(state.c_row, residual.mean(dim=-1), c_weight)
-                c_col = torch.lerp(state.c_col, residual.mean(dim=-2), c_weight)
+                c_row = torch.lerp(state.c_row, full_mean(residual, -1, sharded=right),
+                                   c_weight)
+                c_col = torch.lerp(state.c_col, full_mean(residual, -2, sharded=right),
+                                   c_weight)
                 new.update(c_row=c_row, c_col=c_col)
-                scaled = m * factored_rsqrt(c_row, c_col, FLT_MIN)
+                scaled = m * factored_rsqrt(c_row, c_col, FLT_MIN, sharded=right)
             else:
                 res = torch.lerp(state.res, residual, c_weight)
                 new["res"] = res
@@ -249,7 +268,7 @@ def scale_by_apollo(
         else:
             if factorize:
                 row_mean = torch.clamp(v_row.mean(), min=e)
-                root = torch.sqrt(v_row[:, None] * v_col[None, :] / row_mean)
+                root = torch.sqrt(rows(v_row)[:, None] * v_col[None, :] / row_mean)
             else:
                 root = v.sqrt()
             numerator = low
@@ -258,12 +277,12 @@ def scale_by_apollo(
             scaled = numerator / (root + e)
 
         if scale_type == "tensor":
-            s = torch.linalg.vector_norm(scaled) / (torch.linalg.vector_norm(low) + 1e-8)
+            s = norm(scaled, sharded=right) / (norm(low, sharded=right) + 1e-8)
         else:
             dim = -1 if right else -2
             s = (torch.linalg.vector_norm(scaled, dim=dim, keepdim=True)
                  / (torch.linalg.vector_norm(low, dim=dim, keepdim=True) + 1e-8))
         new_state = state._replace(**new)
-        return (s * g).reshape(full_shape), new_state
+        return (s * g).reshape(local_shape), new_state
 
     return per_leaf(init_leaf, update_leaf, hyperparams(**specs))

@@ -15,7 +15,8 @@ from afx.base import (
     hyperparams,
     per_leaf,
 )
-from afx.numerics import factored_rsqrt, fp32_zeros
+from afx.numerics import factored_rsqrt, fp32_zeros, full_mean
+from afx.sharding import full_shape
 from afx.transforms.momentum import EmaState
 
 Tensor = torch.Tensor
@@ -86,8 +87,9 @@ def came_confidence(beta1: float = 0.9, beta3: float = 0.9999, eps_came: float =
     def init_leaf(p: Tensor):
         if p.ndim < 2:
             return EmaState(fp32_zeros(p.shape, p))
-        return CameState(fp32_zeros(p.shape, p), fp32_zeros(p.shape[:-1], p),
-                         fp32_zeros(p.shape[:-2] + p.shape[-1:], p))
+        shape = full_shape(p)  # whole statistics, as in scale_by_factored_rms
+        return CameState(fp32_zeros(p.shape, p), fp32_zeros(shape[:-1], p),
+                         fp32_zeros(shape[:-2] + shape[-1:], p))
 
     def update_leaf(u: Tensor, state, p, hyper: Hyper | None):
         u = u.float()
@@ -96,8 +98,8 @@ def came_confidence(beta1: float = 0.9, beta3: float = 0.9999, eps_came: float =
             return m, EmaState(m)
         residual = (u - m).square() + hyper_value(hyper, "eps_came", eps_came)
         weight = 1.0 - hyper_value(hyper, "beta3", beta3)
-        c_row = torch.lerp(state.c_row, residual.mean(dim=-1), weight)
-        c_col = torch.lerp(state.c_col, residual.mean(dim=-2), weight)
+        c_row = torch.lerp(state.c_row, full_mean(residual, -1), weight)
+        c_col = torch.lerp(state.c_col, full_mean(residual, -2), weight)
         inv = factored_rsqrt(c_row, c_col, hyper_value(hyper, "eps1", eps1))
         return m * inv, CameState(m, c_row, c_col)
 

@@ -15,7 +15,8 @@ from afx.base import (
     hyperparams,
     step_count,
 )
-from afx.numerics import factored_rsqrt, fp32_zeros, hoisted
+from afx.numerics import factored_rsqrt, fp32_zeros, full_mean, hoisted
+from afx.sharding import full_shape
 from afx.transforms.preconditioner import preconditioner
 
 Tensor = torch.Tensor
@@ -123,8 +124,11 @@ def scale_by_factored_rms(
 
     def init_leaf(p: Tensor):
         if factored and p.ndim >= 2:
-            return FactoredRmsState(fp32_zeros(p.shape[:-1], p),
-                                    fp32_zeros(p.shape[:-2] + p.shape[-1:], p))
+            # Whole statistics even for a sharded parameter: they are small, and kept the
+            # same on every rank (see afx.sharding).
+            shape = full_shape(p)
+            return FactoredRmsState(fp32_zeros(shape[:-1], p),
+                                    fp32_zeros(shape[:-2] + shape[-1:], p))
         return RmsState(fp32_zeros(p.shape, p))
 
     def inverse_leaf(g: Tensor, state, p: Tensor | None, hyper: Hyper | None):
@@ -138,8 +142,8 @@ def scale_by_factored_rms(
         sq = g.square() + e1
         correction = hoisted(1.0 - (1.0 - weight) ** t) if bias_correction else None
         if isinstance(state, FactoredRmsState):
-            v_row = torch.lerp(state.v_row, sq.mean(dim=-1), weight)
-            v_col = torch.lerp(state.v_col, sq.mean(dim=-2), weight)
+            v_row = torch.lerp(state.v_row, full_mean(sq, -1), weight)
+            v_col = torch.lerp(state.v_col, full_mean(sq, -2), weight)
             col = v_col if correction is None else v_col / correction
             return factored_rsqrt(v_row, col, e1), FactoredRmsState(v_row, v_col)
         v = torch.lerp(state.v, sq, weight)

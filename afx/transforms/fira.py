@@ -15,7 +15,8 @@ from afx.base import (
     merge_hyperparams,
     per_leaf,
 )
-from afx.numerics import fp32_zeros, hoisted
+from afx.numerics import fp32_zeros, hoisted, norm
+from afx.sharding import full_numel
 
 Tensor = torch.Tensor
 
@@ -82,7 +83,7 @@ def fira_limit(fira_margin: float = 0.01, clip_threshold: float | None = None
 
     def update_leaf(u: Tensor, state: FiraState, p, hyper: Hyper | None):
         u = u.float()
-        n = torch.linalg.vector_norm(u)
+        n = norm(u)
         finite = torch.isfinite(n)
         n = torch.where(finite, n, torch.zeros_like(n))
         u = torch.where(finite, u, torch.zeros_like(u))
@@ -93,7 +94,7 @@ def fira_limit(fira_margin: float = 0.01, clip_threshold: float | None = None
         prev = torch.where(reset, n, n * s)
         if clip_threshold is not None:
             d = torch.as_tensor(hyper_value(hyper, "clip_threshold", clip_threshold))
-            denom = torch.clamp(n / (u.numel() ** 0.5 * d), min=1.0)
+            denom = torch.clamp(n / (full_numel(u) ** 0.5 * d), min=1.0)
             s = s / torch.where(d > 0, denom, torch.ones_like(denom))
         u = u * hoisted(s)
         return u, FiraState(prev.float())

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 
+from afx import sharding
 from afx.base import GradientTransformation, Hyper, PyTree, per_leaf
 from afx.codecs import Codec, get_codec
 from afx.tree import flatten_state
@@ -51,6 +53,12 @@ def quantize_state(inner: GradientTransformation, fields: Mapping[str, FieldSpec
     length (rounded up to even), which gives the same codes as a zero-padded block without
     storing the padding: a 64-element row statistic never costs a 2048-byte block.
 
+    For a parameter sharded on dim 0 (:mod:`afx.sharding`) the decisions are the single
+    process's, made from the whole parameter. A state sharded with it is encoded with the
+    same blocks only if its rows are a whole number of blocks, so that no block straddles two
+    shards and each rank's codes are exactly its rows of the single-process codes; otherwise
+    that state stays in float32. Whole (replicated) states are encoded as in one process.
+
     Args:
         inner: the transformation whose state to store; applied one parameter at a time.
         fields: state field name -> codec (a name from :mod:`afx.codecs` or a
@@ -83,37 +91,59 @@ def quantize_state(inner: GradientTransformation, fields: Mapping[str, FieldSpec
         codec, block = spec if isinstance(spec, tuple) and not isinstance(spec, Codec) else (
             spec, block_size)
         codecs[name] = (codec if isinstance(codec, Codec) else get_codec(codec), block)
-    shapes: dict[tuple, dict[str, tuple[int, ...]]] = {}
-
-    def template_shapes(p: Tensor) -> dict[str, tuple[int, ...]]:
-        # Decoding needs each field's logical shape, which the codes do not carry. It depends
-        # only on the parameter's shape, so it is read once from inner.init on a meta tensor.
-        key = (tuple(p.shape), p.dtype)
-        if key not in shapes:
-            flat, _ = flatten_state(inner.init(torch.empty_like(p, device="meta")))
-            shapes[key] = {name: tuple(t.shape) for name, t in flat.items()}
-        return shapes[key]
+    layouts: dict[tuple, tuple[dict[str, tuple[int, ...]], dict[str, int | None]]] = {}
 
     def block_of(field: str, numel: int) -> int:
         return min(codecs[field][1], numel + numel % 2)
 
-    def worth_encoding(field: str, x: Tensor) -> bool:
+    def worth_encoding(field: str, numel: int) -> bool:
         codec = codecs[field][0]
-        return 0 < x.numel() and codec.nbytes(x.numel(), block_of(field, x.numel())) < 4 * x.numel()
+        return 0 < numel and codec.nbytes(numel, block_of(field, numel)) < 4 * numel
 
-    def encode(field: str, x: Tensor) -> Any:
-        return codecs[field][0].encode(x.float(), block_of(field, x.numel()))
+    def layout(p: Tensor) -> tuple[dict[str, tuple[int, ...]], dict[str, int | None]]:
+        # Each field's logical shape (decoding needs it; the codes do not carry it) and its
+        # block size, or None to keep it in float32. Both depend only on the parameter's
+        # shape and sharding, so they are read once from inner.init on meta tensors.
+        where = sharding.current()
+        key = (tuple(p.shape), p.dtype, where)
+        if key in layouts:
+            return layouts[key]
+        meta = torch.empty_like(p, device="meta")
+        local, _ = flatten_state(inner.init(meta))
+        shape = sharding.full_shape(p)
+        with sharding.active(None):
+            # The decision is the single process's, made from the whole parameter.
+            whole, _ = flatten_state(inner.init(meta.new_empty(shape)))
+        big_enough = math.prod(shape) >= min_numel
+        if where is not None:
+            grown, _ = flatten_state(inner.init(meta.new_empty((p.shape[0] + 1,
+                                                                *p.shape[1:]))))
+        blocks: dict[str, int | None] = {}
+        for path, x in local.items():
+            field = path.rsplit(".", 1)[-1]
+            numel = whole[path].numel()
+            block = (block_of(field, numel) if field in codecs and big_enough
+                     and worth_encoding(field, numel) else None)
+            if block is not None and where is not None and grown[path].shape != x.shape:
+                # A state sharded with the parameter: its codes are sharded too, which is
+                # exact only if no block straddles two rows (hence two shards). Otherwise
+                # the state stays in float32 (see the README, distributed training).
+                rows = whole[path].shape[0]
+                if rows == 0 or (numel // rows) % block:
+                    block = None
+            blocks[path] = block
+        layouts[key] = ({path: tuple(x.shape) for path, x in local.items()}, blocks)
+        return layouts[key]
 
     def init_leaf(p: Tensor) -> PyTree:
-        template_shapes(p)
-        big_enough = p.numel() >= min_numel
-        return _map_fields(inner.init(p), lambda path, f, x: encode(f, x)
-                           if big_enough and worth_encoding(f, x) else x, codecs)
+        _, blocks = layout(p)
+        return _map_fields(inner.init(p), lambda path, f, x: codecs[f][0].encode(
+            x.float(), blocks[path]) if blocks.get(path) else x, codecs)
 
     def update_leaf(u: Tensor, state: PyTree, p: Tensor | None, hyper: Hyper | None):
         if p is None:
             raise ValueError("quantize_state needs the parameters: pass params to update")
-        shapes_of = template_shapes(p)
+        shapes_of, blocks = layout(p)
         encoded: set[str] = set()
 
         def decode(path: str, field: str, value: Any) -> Tensor:
@@ -123,7 +153,7 @@ def quantize_state(inner: GradientTransformation, fields: Mapping[str, FieldSpec
             return codecs[field][0].decode(value, shapes_of[path])
 
         u, new_state = inner.update(u, _map_fields(state, decode, codecs), p, hyper)
-        return u, _map_fields(new_state, lambda path, f, x: encode(f, x) if path in encoded
-                              else x, codecs)
+        return u, _map_fields(new_state, lambda path, f, x: codecs[f][0].encode(
+            x.float(), blocks[path]) if path in encoded else x, codecs)
 
     return per_leaf(init_leaf, update_leaf, inner.hyperparams)
