@@ -123,8 +123,14 @@ def sharding_of(p: Tensor, what: str) -> _sharding.Sharding | None:
         raise ValueError(f"{what}: this rank holds {p.to_local().shape[0]} rows of dim 0, but "
                          f"torch.chunk would give it {rows} (of {p.shape[0]}); afx needs "
                          "FSDP2's even chunking")
-    return _sharding.Sharding(mesh.get_group().group_name, mesh.size(), tuple(p.shape),
-                              offset, rows)
+    found = _sharding.Sharding(mesh.get_group().group_name, mesh.size(), tuple(p.shape),
+                               offset, rows)
+    # One object per distinct sharding: compiled bucket functions guard on the current one, so
+    # parameters sharing a bucket must present the very same object.
+    return _INTERNED.setdefault(found, found)
+
+
+_INTERNED: dict[_sharding.Sharding, _sharding.Sharding] = {}
 
 
 class Storage(NamedTuple):

@@ -139,6 +139,12 @@ class Optimizer(torch.optim.Optimizer):
     ``state[p]`` is a flat ``dict[str, Tensor]``: ``"step"`` plus the transformation's state
     leaves under dotted names (``"rms.v_row"`` for a :func:`afx.named_chain` part ``"rms"``).
 
+    Under FSDP2 (DTensor parameters placed ``Shard(0)`` on a 1-D mesh) each rank updates its
+    rows, and statistics that span a tensor are reduced over all ranks in the step (see
+    :mod:`afx.sharding`); states that follow the parameter's rows are stored as ``Shard(0)``
+    DTensors, the others whole on every rank, so ``torch.distributed.checkpoint`` saves and
+    reshards them (see :mod:`afx.optim.distributed`). Other placements raise ``ValueError``.
+
     Args:
         params: parameters or param-group dicts, as for any ``torch.optim.Optimizer``; pass
             ``model.named_parameters()`` to let name predicates of :func:`afx.partition` see

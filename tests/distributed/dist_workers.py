@@ -44,16 +44,19 @@ class Net(torch.nn.Module):
 
 
 class Small(torch.nn.Module):
-    """Two parameters only, for compiled runs (every bucket compiles on every rank)."""
+    """Few parameters, for compiled runs (every bucket compiles on every rank); ``w`` and
+    ``w2`` share a bucket."""
 
     def __init__(self) -> None:
         super().__init__()
         g = torch.Generator().manual_seed(0)
         self.w = torch.nn.Parameter(0.1 * torch.randn(9, 512, generator=g))
+        self.w2 = torch.nn.Parameter(0.1 * torch.randn(9, 512, generator=g))
         self.b = torch.nn.Parameter(0.1 * torch.randn(7, generator=g))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.tanh(self.w @ x).square().sum() + (self.b * x[:7]).square().sum()
+        return (torch.tanh(self.w @ x).square().sum() + torch.tanh(self.w2 @ x).sum()
+                + (self.b * x[:7]).square().sum())
 
 
 #: optimizer configurations: name -> (class, options)
@@ -153,7 +156,12 @@ def fsdp_runs(rank: int, world_size: int, out: Path, names: list[str], compiled:
             opt.zero_grad()
             # FSDP2 averages the gradients of the ranks' batches.
             model(batch(step, rank)).backward()
-            opt.step()
+            if is_compiled and step > 0:
+                # After the first step every bucket is compiled: nothing may recompile.
+                with torch.compiler.set_stance("fail_on_recompile"):
+                    opt.step()
+            else:
+                opt.step()
         results[("compiled:" if is_compiled else "") + name] = snapshot(model, opt)
     if rank == 0:
         torch.save(results, out / "fsdp.pt")
@@ -255,3 +263,4 @@ def dcp_run(rank: int, world_size: int, out: Path, name: str, steps: int, more: 
     result = snapshot(model, opt)
     if rank == 0:
         torch.save(result, out / f"after-{tag}.pt")
+
