@@ -450,6 +450,44 @@ class Optimizer(torch.optim.Optimizer):
         return names
 
     @torch.no_grad()
+    def init_state(self) -> None:
+        """Creates the state of every parameter that has none yet, without taking a step.
+
+        The state is what the first step would create (the step count stays 0). Use it to get
+        a state dict to load into before training, e.g. for ``torch.distributed.checkpoint``:
+        ``get_optimizer_state_dict`` otherwise initialises an empty optimizer by stepping it
+        with zero gradients and ``lr = 0``, which ``afx.Adafactor`` refuses when
+        ``relative_step`` is on (as transformers' does). Changes nothing if it raises.
+
+        Returns:
+            ``None``.
+
+        Example:
+            >>> import torch, afx
+            >>> model = torch.nn.Linear(4, 2)
+            >>> opt = afx.Adafactor(model.parameters(), compile=False)
+            >>> opt.init_state()
+            >>> sorted(opt.state[model.weight]), int(opt.state[model.weight]["step"])
+            (['exp_avg_sq_col', 'exp_avg_sq_row', 'step'], 0)
+        """
+        undo: list[_Undo] = []
+        names = self._param_names()
+        try:
+            work = []
+            for index, group in enumerate(self.param_groups):
+                self._validate_group(group)
+                static, tx = self._transformation(group)
+                params = [p for p in group["params"] if p.requires_grad]
+                for p in params:
+                    self._plan(p, static, tx, names.get(p), undo)
+                work.append((index, group, params))
+            self._rounding_seeds(work, undo)
+        except BaseException:
+            for _, revert in reversed(undo):
+                revert()
+            raise
+
+    @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """Performs one optimization step.
 

@@ -244,7 +244,11 @@ def dcp_run(rank: int, world_size: int, out: Path, name: str, steps: int, more: 
     if load_from is None:
         step_range(0, steps)
     else:
-        step_range(0, 1)  # any state at all; the checkpoint replaces it
+        # A fresh optimizer. get_optimizer_state_dict creates a missing state by a
+        # zero-gradient step with lr 0, which afx.Adafactor's relative step refuses:
+        # init_state() creates it without a step.
+        if name.startswith("adafactor"):
+            opt.init_state()
         state = {"model": get_model_state_dict(model),
                  "optim": get_optimizer_state_dict(model, opt)}
         dcp.load(state, checkpoint_id=str(out / f"ckpt-{load_from}"))

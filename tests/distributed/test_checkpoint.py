@@ -8,7 +8,7 @@ from dist_launch import GLOO, SKIP_REASON, launch
 
 pytestmark = pytest.mark.skipif(not GLOO, reason=SKIP_REASON)
 
-NAMES = ["8bit_beta1", "apollo_cached"]
+NAMES = ["8bit_beta1", "apollo_cached", "adafactor_beta1"]
 
 
 @pytest.fixture(scope="module")
@@ -36,10 +36,12 @@ def assert_identical(x: dict, y: dict) -> None:
 @pytest.mark.parametrize("name", NAMES)
 def test_two_ranks_to_one_rank_and_back_is_exact(run, name: str) -> None:
     """Adafactor8Bit with 8-bit momentum (sharded codes, whole factored statistics, a float32
-    momentum whose rows are not whole blocks) and APOLLO (cached projection): the state one
-    rank loads from a 2-rank DCP checkpoint, gathered, is bitwise the state the 2 ranks
-    saved; saved again from 1 rank and loaded into 2 ranks it is still bitwise the same; and
-    2 ranks continuing from it for 2 steps end bitwise where the uninterrupted run ends."""
+    momentum whose rows are not whole blocks), APOLLO (cached projection) and afx.Adafactor
+    (transformers' state names, loaded into a fresh optimizer via init_state): the state one
+    rank loads from a 2-rank DCP checkpoint into a fresh optimizer, gathered, is bitwise the
+    state the 2 ranks saved; saved again from 1 rank and loaded into 2 ranks it is still
+    bitwise the same; and 2 ranks continuing from it for 2 steps end bitwise where the
+    uninterrupted run ends."""
     assert_identical(run(name, "saved-a"), run(name, "loaded-b"))
     assert_identical(run(name, "saved-b"), run(name, "loaded-c"))
     assert_identical(run(name, "after-a"), run(name, "after-c"))

@@ -456,3 +456,28 @@ def test_a_checkpoint_that_does_not_fit_changes_nothing(fault: str, match: str) 
         opt.load_state_dict(bad)
     assert [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups] == groups
     assert {p: dict(s) for p, s in opt.state.items()} == state
+
+
+def test_init_state_creates_the_first_steps_state_without_stepping() -> None:
+    """init_state() creates exactly the state (keys, shapes, dtypes, zero step count, SR
+    seeds) that the first step finds, leaves parameters untouched, and a run that starts from
+    it equals one that does not, bitwise."""
+    torch.manual_seed(0)
+    model = Tiny(torch.bfloat16)
+    other = copy.deepcopy(model)
+    opt = afx.Adafactor8Bit(model.parameters(), beta1=0.9, compile=False,
+                            stochastic_round_writeback=True, min_8bit_size=16)
+    ref = afx.Adafactor8Bit(other.parameters(), beta1=0.9, compile=False,
+                            stochastic_round_writeback=True, min_8bit_size=16)
+    before = [p.detach().clone() for p in model.parameters()]
+    opt.init_state()
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+    assert all(int(opt.state[p]["step"]) == 0 and "sr_seed" in opt.state[p]
+               for p in model.parameters())
+    data = batches(3)
+    train([model], opt, data)
+    train([other], ref, data)
+    for p, q in zip(model.parameters(), other.parameters()):
+        assert torch.equal(p, q)
+        assert opt.state[p].keys() == ref.state[q].keys()
+        assert all(torch.equal(opt.state[p][k], ref.state[q][k]) for k in opt.state[p])
