@@ -145,12 +145,12 @@ def to_blocks(x: Tensor, block_size: int) -> Tensor:
                 [2., 3.],
                 [4., 0.]])
     """
-    flat = x.reshape(-1).to(torch.float32)
-    nblocks = num_blocks(flat.numel(), block_size)
-    pad = nblocks * block_size - flat.numel()
-    if pad:
-        flat = torch.nn.functional.pad(flat, (0, pad))
-    # An explicit row count, because view(-1, B) is ambiguous for an empty state.
+    nblocks = num_blocks(x.numel(), block_size)
+    pad = nblocks * block_size - x.numel()
+    if not pad and x.dim() and x.shape[-1] % block_size == 0:
+        return x.to(torch.float32).reshape(*x.shape[:-1], -1, block_size).reshape(
+            nblocks, block_size)
+    flat = torch.nn.functional.pad(x.reshape(-1).to(torch.float32), (0, pad))
     return flat.view(nblocks, block_size)
 
 
@@ -163,4 +163,10 @@ def from_blocks(blocks: Tensor, shape: Shape) -> Tensor:
         >>> from_blocks(torch.arange(6.0).view(3, 2), (5,))
         tensor([0., 1., 2., 3., 4.])
     """
-    return blocks.reshape(-1)[: shape_numel(shape)].reshape(tuple(shape))
+    numel = shape_numel(shape)
+    shape = tuple(shape)
+    if shape and blocks.numel() == numel and shape[-1] % blocks.shape[-1] == 0:
+        # Blocks tile each row: split the last dimension instead of flattening, so the compiled
+        # encode(decode(...)) indexes codes linearly and vectorises.
+        return blocks.reshape(*shape[:-1], -1, blocks.shape[-1]).reshape(shape)
+    return blocks.reshape(-1)[:numel].reshape(tuple(shape))

@@ -43,9 +43,19 @@ def apply_update(tx: GradientTransformation, param: Tensor, grad: Tensor, state:
         return
     finite = all_finite(grad)  # over the whole parameter: every rank decides alike
     for old, new in zip(_leaves(state), _leaves(new_state)):
-        old.copy_(torch.where(finite, new, old))
+        old.copy_(_keep_unless(finite, new, old))
     param.copy_(torch.where(finite, new_param, param))
     skipped.add_((~finite).to(skipped.dtype))
+
+
+def _keep_unless(finite: Tensor, new: Tensor, old: Tensor) -> Tensor:
+    """``new`` where ``finite`` holds, else ``old``, for a state leaf of any dtype."""
+    if not new.is_floating_point() and new.element_size() <= 2:
+        # Inductor's C++ select between 8/16-bit vectors under a scalar mask runs a scalar
+        # loop per vector (8 ns per element); selecting their float32 values is exact for
+        # codes of up to 16 bits and costs nothing next to the decode that already loads them.
+        return torch.where(finite, new.float(), old.float()).to(old.dtype)
+    return torch.where(finite, new, old)
 
 
 def _leaves(tree: Any) -> list[Tensor]:

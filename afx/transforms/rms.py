@@ -15,7 +15,7 @@ from afx.base import (
     hyperparams,
     step_count,
 )
-from afx.numerics import fp32_zeros
+from afx.numerics import fp32_zeros, hoisted
 from afx.transforms.preconditioner import preconditioner
 
 Tensor = torch.Tensor
@@ -79,7 +79,7 @@ def scale_by_rms(beta2: float = 0.999, eps1: float = 1e-8, *, eps_correction: bo
         v = torch.lerp(state.v, g.square(), 1.0 - b2)
         eps = hyper_value(hyper, "eps1", eps1)
         if eps_correction:
-            eps = eps * torch.sqrt(1.0 - b2 ** step_count(hyper))
+            eps = hoisted(eps * torch.sqrt(1.0 - b2 ** step_count(hyper)))
         return 1.0 / (v.sqrt() + eps), SecondMomentState(v)
 
     return preconditioner(lambda p: SecondMomentState(fp32_zeros(p.shape, p)), inverse_leaf,
