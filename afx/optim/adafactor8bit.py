@@ -323,8 +323,9 @@ class Adafactor8Bit(Optimizer):
     ``use_cuda_kernel``, ``lag_norm`` and ``warmup_multiplier`` are accepted and have no
     effect: afx runs its compiled chain on every device. ``stochastic_round_writeback`` rounds
     bfloat16/float16 parameters with :func:`afx.rounding.stochastic_round` (deterministic
-    from the parameter's seed, the step and the element index). APOLLO (``apollo_rank``) is
-    not implemented yet and raises ``NotImplementedError`` when switched on.
+    from the parameter's seed, the step and the element index). ``apollo_rank > 0`` runs the
+    group's matrices through :func:`afx.transforms.scale_by_apollo` (projections drawn by a
+    counter-based hash, so they match across processes and checkpoints, not the package's).
 
     Differences from the package (see the README): states are quantized by their own size (a
     short factored vector is never padded to a full block; small parameters keep float32
