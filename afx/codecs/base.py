@@ -148,8 +148,9 @@ def to_blocks(x: Tensor, block_size: int) -> Tensor:
     nblocks = num_blocks(x.numel(), block_size)
     pad = nblocks * block_size - x.numel()
     if not pad and x.dim() and x.shape[-1] % block_size == 0:
-        return x.to(torch.float32).reshape(*x.shape[:-1], -1, block_size).reshape(
-            nblocks, block_size)
+        # Blocks tile each row: split the last dimension rather than flatten (see from_blocks).
+        rows = x.to(torch.float32).reshape(*x.shape[:-1], x.shape[-1] // block_size, block_size)
+        return rows.reshape(nblocks, block_size)
     flat = torch.nn.functional.pad(x.reshape(-1).to(torch.float32), (0, pad))
     return flat.view(nblocks, block_size)
 
@@ -168,5 +169,6 @@ def from_blocks(blocks: Tensor, shape: Shape) -> Tensor:
     if shape and blocks.numel() == numel and shape[-1] % blocks.shape[-1] == 0:
         # Blocks tile each row: split the last dimension instead of flattening, so the compiled
         # encode(decode(...)) indexes codes linearly and vectorises.
-        return blocks.reshape(*shape[:-1], -1, blocks.shape[-1]).reshape(shape)
+        block = blocks.shape[-1]
+        return blocks.reshape(*shape[:-1], shape[-1] // block, block).reshape(shape)
     return blocks.reshape(-1)[:numel].reshape(tuple(shape))

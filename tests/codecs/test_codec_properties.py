@@ -461,3 +461,20 @@ def test_adaptive_log_floor_raises_small_values_to_the_floor() -> None:
     assert enc.min_log.item() == -20.0
     y = codec.decode(enc, (4,))
     assert y[:2].tolist() == [2.0**-20, 2.0**-20] and y[2].item() == 0.0 and y[3].item() == 1.0
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(0, 5), st.integers(1, 4), st.sampled_from([1, 2, 4, 8]), st.integers(0, 1))
+def test_blocks_are_the_row_major_padded_layout(rows: int, blocks_per_row: int, block: int,
+                                                ragged: int) -> None:
+    """to_blocks is the flattened, zero-padded, row-major layout whatever path it takes (rows
+    tiled by whole blocks, ragged rows, no rows at all), and from_blocks inverts it."""
+    cols = blocks_per_row * block + ragged
+    x = torch.arange(rows * cols, dtype=torch.float32).reshape(rows, cols) + 1.0
+    blocks = to_blocks(x, block)
+    flat = x.reshape(-1)
+    pad = -flat.numel() % block
+    reference = torch.cat([flat, torch.zeros(pad)]).reshape(-1, block)
+    assert blocks.shape == (reference.shape[0], block)
+    assert torch.equal(blocks, reference)
+    assert torch.equal(from_blocks(blocks, x.shape), x)
