@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from hypothesis import HealthCheck, Phase, assume, example, given, settings
+from hypothesis import HealthCheck, Phase, example, given, settings
 from hypothesis import strategies as st
 
 import afx
@@ -37,6 +37,10 @@ VALID = {
     "maximize": st.booleans(),
     "bias_correction": st.sampled_from([None, True, False]),
     "momentum_only_1d": st.sampled_from([None, True, False]),
+    "apollo_rank": st.sampled_from([0, 1, 4]),
+    "apollo_scale_type": st.sampled_from(["channel", "tensor"]),
+    "apollo_update_proj_gap": st.sampled_from([1, 3]),
+    "apollo_factorize": st.booleans(),
 }
 INVALID = {"lr": -1.0, "beta1": 1.0, "beta2": 1.5, "beta2_decay": 0.3, "eps": (-1.0, 1e-3),
            "weight_decay": -0.1, "d": -2.0, "m_quant_type": "q5", "block_size": 100,
@@ -90,8 +94,7 @@ def test_adafactor_on_odd_shapes_stays_finite(shape: tuple) -> None:
 # Compiling a new bucket costs ~10 s here, so the compiled fuzz runs few, small examples: the
 # explicit ones cover every odd shape, dtype and preset, the random one varies the rest.
 ODD_SHAPES = [(), (1,), (1, 7), (7, 1), (2, 1, 3, 1, 2), (0,), (3, 0)]
-# "apollo" is left out here while it is being implemented; the main session adds it.
-PRESET_NAMES = ["sgd", "adafactor", "adamw", "rmsprop", "came"]
+PRESET_NAMES = ["sgd", "adafactor", "adamw", "rmsprop", "came", "apollo"]
 COMPILED_OPTIONS = {
     "stochastic_round_writeback": st.booleans(),
     "quantize": st.booleans(),
@@ -131,15 +134,13 @@ def odd_model(params: list[tuple[tuple, torch.dtype]], seed: int) -> torch.nn.Mo
 @example("adamw", [((7, 1), FP32), ((1,), FP16)], {"min_8bit_size": 0, "m_quant_type": "s4"}, 2)
 @example("rmsprop", [((0,), BF16)], {"maximize": True}, 3)
 @example("sgd", [((1,), BF16)], {"stochastic_round_writeback": True, "weight_decay": 0.1}, 4)
+@example("apollo", [((), FP32), ((1, 7), BF16)], {"min_8bit_size": 0}, 5)
 def test_compiled_matches_eager_on_odd_shapes(preset: str, params: list, options: dict,
                                               seed: int) -> None:
     """A preset (G0 groups) with drawn options on odd shapes and dtypes, compiled: the first
     step compiles, later steps (one with a zero gradient) never recompile, every parameter and
     state stays finite, and the parameters equal the eager run's (fp32: ≤ 1e-5 relative;
     bf16/fp16: within a couple of ulps of the largest magnitude)."""
-    # Known failure, pinned by test_sgd_preset_compiles_a_0d_parameter below.
-    assume(not (preset == "sgd" and options.get("quantize", True)
-                and any(shape == () for shape, _ in params)))
     model = odd_model(params, seed)
     twin = copy.deepcopy(model)
     optimizers = []
@@ -169,13 +170,10 @@ def test_compiled_matches_eager_on_odd_shapes(preset: str, params: list, options
             assert diff <= TOLERANCE[p.dtype], (tuple(p.shape), p.dtype, diff)
 
 
-@pytest.mark.xfail(strict=True, raises=torch._dynamo.exc.Unsupported,
-                   reason="quantize_state reads a 0-d parameter's template state shapes inside "
-                          "the graph (as shape (1,)), and Dynamo cannot flatten the SGD route's "
-                          "dict state there")
 def test_sgd_preset_compiles_a_0d_parameter() -> None:
-    """Found by the compiled fuzz: the sgd preset (quantize on, the default) fails to compile
-    a 0-d parameter. Strict xfail: remove the marker (and the assume above) once it passes."""
+    """Found by the compiled fuzz: the sgd preset (quantize on, the default) compiles and
+    updates a 0-d parameter (quantize_state used to read the layout of its 1-element vector
+    form inside the graph, where the SGD route's dict state cannot be flattened)."""
     model = odd_model([((), FP32)], 0)
     opt = afx.Adafactor8Bit(afx.build_param_groups(model, "sgd", "G0"), lr=1e-2)
     model.p0.grad = torch.ones(())

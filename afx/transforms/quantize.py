@@ -137,6 +137,10 @@ def quantize_state(inner: GradientTransformation, fields: Mapping[str, FieldSpec
 
     def init_leaf(p: Tensor) -> PyTree:
         _, blocks = layout(p)
+        if p.ndim == 0:
+            # per_leaf updates a 0-d parameter as a 1-element vector: read that layout here,
+            # outside any compiled graph (inner.init cannot be traced for every state).
+            layout(p.reshape(1))
         return _map_fields(inner.init(p), lambda path, f, x: codecs[f][0].encode(
             x.float(), blocks[path]) if blocks.get(path) else x, codecs)
 
