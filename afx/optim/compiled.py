@@ -52,8 +52,8 @@ def _keep_unless(finite: Tensor, new: Tensor, old: Tensor) -> Tensor:
     """``new`` where ``finite`` holds, else ``old``, for a state leaf of any dtype."""
     if not new.is_floating_point() and new.element_size() <= 2:
         # Inductor's C++ select between 8/16-bit vectors under a scalar mask runs a scalar
-        # loop per vector (8 ns per element); selecting their float32 values is exact for
-        # codes of up to 16 bits and costs nothing next to the decode that already loads them.
+        # loop per vector; selecting their float32 values is exact for codes of up to 16 bits
+        # and costs little next to the decode that already loads them.
         return torch.where(finite, new.float(), old.float()).to(old.dtype)
     return torch.where(finite, new, old)
 
