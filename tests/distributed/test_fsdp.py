@@ -49,6 +49,7 @@ def test_unquantized_matches_single_process(runs: dict, name: str) -> None:
     projection counters) equals the single-process run within 1e-5 relative."""
     got, ref = runs["fsdp"][name], W.single_process(name)
     worst = max(rel(got["params"][n], p) for n, p in ref["params"].items())
+    print(f"\n{name}: FSDP2 vs single process, max relative parameter difference {worst:.2g}")
     assert worst <= 1e-5, worst
     for n, state in ref["state"].items():
         assert set(got["state"][n]) == set(state), n
