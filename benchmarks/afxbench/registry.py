@@ -166,10 +166,8 @@ _SPECS = [
                   requires=("adafactor8bit",)),
     OptimizerSpec("a8b-adamw", "adafactor8bit 0.4.6 AdamW", False, _package_a8b("adamw"),
                   requires=("adafactor8bit",)),
-    # Not in the default list: its only use is as the anchor of afx's APOLLO, which does not
-    # exist yet, and it is the slowest package configuration.
     OptimizerSpec("a8b-apollo", "adafactor8bit 0.4.6 APOLLO rank 256", False,
-                  _package_a8b("apollo"), requires=("adafactor8bit",), default=False),
+                  _package_a8b("apollo"), requires=("adafactor8bit",)),
     OptimizerSpec("torchao-adamw8bit", "torchao AdamW8bit", False, _torchao_adamw8bit,
                   requires=("torchao",)),
 ]
