@@ -153,7 +153,9 @@ class Optimizer(torch.optim.Optimizer):
             or a factory ``tx(group) -> GradientTransformation`` called with each param group
             (its non-numeric entries decide the structure, numbers are read at run time).
         compile: ``True`` (default) to compile each bucket, ``False`` to run the same chain
-            eagerly, or a dict of ``torch.compile`` options (``backend``, ``mode``, ...).
+            eagerly, or a dict of ``torch.compile`` options (``backend``, ``mode``, ...). On
+            CPU, Inductor also gets :data:`afx.optim.compiled.CPU_INDUCTOR_OPTIONS` unless the
+            dict sets ``mode``, another backend, or the same keys in its own ``options``.
         skip_nonfinite: skip the update of any parameter whose gradient has a NaN or Inf:
             its parameter and state (step count included) stay as they were, and
             :attr:`skipped_updates` counts it. Decided on the device, without a host sync.
@@ -540,7 +542,7 @@ class Optimizer(torch.optim.Optimizer):
                 fn = self._buckets.get(plan.bucket)
                 if fn is None:
                     fn = self._buckets[plan.bucket] = bucket_function(
-                        f"bucket{len(self._buckets)}", self._compile)
+                        f"bucket{len(self._buckets)}", self._compile, p.device.type)
                 skipped = None
                 if self._skip_nonfinite:
                     skipped = self._skipped.get(p.device)
