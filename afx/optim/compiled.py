@@ -80,10 +80,10 @@ def _private_copy(fn: Callable, tag: str) -> Callable:
 #: backend inlines a pointwise node into each of its consumers unless its body has more than 50
 #: operations. A decoded 8-bit state with its update (decode, lerp) stays under that, so every
 #: loop that reads it (block maximum, encoding, the parameter update) decodes it again. From
-#: 20 operations up such nodes are computed once, when read by several loops. Measured by
-#: interleaving both settings in one process, bitwise equal results: beta1 0.65-0.70x the step
-#: time, the AdamW-like preset 0.88-0.91x, the other configurations within 3 %. 12 was faster
-#: still for the AdamW-like preset but hit an Inductor code-generation error on CAME's graph.
+#: 20 operations up such nodes are computed once, when read by several loops; results are
+#: bitwise equal. In benchmarks/run.py at 124M, beta1 went from 0.545x to 0.278x the package's
+#: step time (README, Performance). 12 was faster still for the AdamW-like preset but hit an
+#: Inductor code-generation error on CAME's graph.
 CPU_INDUCTOR_OPTIONS = {"realize_opcount_threshold": 20}
 
 
