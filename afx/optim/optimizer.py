@@ -129,9 +129,13 @@ class Optimizer(torch.optim.Optimizer):
     """A ``torch.optim.Optimizer`` that runs a gradient transformation, compiled per bucket.
 
     Every numeric hyperparameter the transformation declares lives in ``param_groups`` and is
-    mirrored each step into a persistent 0-d float64 tensor read by the compiled graph, so LR
-    schedulers (including those that write Python floats or cycle ``beta1``) never trigger a
-    recompile.
+    mirrored each step into a persistent one-element float64 tensor read by the compiled graph
+    (transforms see it as 0-d), so LR schedulers (including those that write Python floats or
+    cycle ``beta1``) never trigger a recompile. Each bucket's function is traced once: its
+    guards cover the tensors, the state's structure and the hyperparameter mirrors, not the
+    transformation's Python objects or module globals (see
+    :func:`afx.optim.compiled.traced_once_guards`), so a transformation must be a pure function
+    of its arguments, as every afx transform is.
     State is created eagerly the first time a parameter has a gradient; parameters sharing a
     transformation, shape, dtypes and device share one compiled function
     (``torch.compile(fullgraph=True, dynamic=False)``), called once per parameter.
@@ -364,7 +368,12 @@ class Optimizer(torch.optim.Optimizer):
 
     def _hyper(self, index: int, group: Mapping[str, Any], tx: GradientTransformation,
                device: torch.device) -> dict[str, Tensor]:
-        """Mirrors the group's hyperparameters into persistent 0-d float64 tensors."""
+        """Mirrors the group's hyperparameters into persistent one-element float64 tensors.
+
+        One element, not 0-d: Dynamo turns every 0-d CPU float64 input into a symbolic float
+        whose not-NaN guard calls ``.item()`` in Python on every call of a compiled bucket.
+        :func:`~afx.optim.compiled.apply_update` views them as 0-d inside the graph.
+        """
         key = (index, device)
         mirrors = self._mirrors.setdefault(key, {})
         last = self._mirrored.setdefault(key, {})
@@ -373,10 +382,10 @@ class Optimizer(torch.optim.Optimizer):
             value = values[name]
             buf = mirrors.get(name)
             if buf is None:
-                buf = mirrors[name] = torch.zeros((), dtype=_mirror_dtype(device), device=device)
+                buf = mirrors[name] = torch.zeros(1, dtype=_mirror_dtype(device), device=device)
                 last[name] = None
             if isinstance(value, Tensor):
-                buf.copy_(value.detach().reshape(()))
+                buf.copy_(value.detach().reshape(1))
                 last[name] = None
             elif last[name] != value:
                 buf.fill_(value)

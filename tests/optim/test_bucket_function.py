@@ -1,10 +1,14 @@
-"""afx/optim/compiled.py: the compile options of a bucket's update function."""
+"""afx/optim/compiled.py: the compile options of a bucket's update function and its guards."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from torch._dynamo.utils import counters
+from torch.utils._pytree import tree_map
 
+import afx
+from afx import transforms as T
 from afx.optim import compiled
 
 
@@ -21,28 +25,75 @@ def compile_calls(monkeypatch):
     return calls
 
 
-def test_cpu_buckets_get_afx_inductor_options_under_the_callers_own(compile_calls):
-    # afx's CPU options apply by default; a key the caller sets in `options` wins, and the
+OURS = {"guard_filter_fn": compiled.traced_once_guards}
+
+
+def test_cpu_buckets_get_afx_options_under_the_callers_own(compile_calls):
+    # afx's options apply by default; a key the caller sets in `options` wins, and the
     # caller's other keys are kept.
     own = {"realize_opcount_threshold": 7, "trace.enabled": False}
     compiled.bucket_function("a", True, "cpu")
     compiled.bucket_function("b", {"options": dict(own)}, "cpu")
-    assert compile_calls[0]["options"] == compiled.CPU_INDUCTOR_OPTIONS
-    assert compile_calls[1]["options"] == own
+    compiled.bucket_function("b2", {"options": {"guard_filter_fn": None}}, "cpu")
+    assert compile_calls[0]["options"] == {**OURS, **compiled.CPU_INDUCTOR_OPTIONS}
+    assert compile_calls[1]["options"] == {**OURS, **own}
+    assert compile_calls[2]["options"]["guard_filter_fn"] is None
     assert all(c["fullgraph"] is True and c["dynamic"] is False for c in compile_calls)
 
 
 @pytest.mark.parametrize("device_type, extra", [
     ("cuda", {}),                       # measured on CPU only: other devices keep Inductor's
-    ("cpu", {"mode": "max-autotune"}),  # torch.compile refuses mode together with options
     ("cpu", {"backend": "aot_eager"}),  # the options are Inductor's
 ])
-def test_options_are_left_alone_off_cpu_with_a_mode_or_another_backend(compile_calls,
-                                                                        device_type, extra):
+def test_inductor_options_only_for_cpu_inductor_guards_filtered_everywhere(
+        compile_calls, device_type, extra):
     compiled.bucket_function("c", dict(extra) or True, device_type)
+    assert compile_calls[0]["options"] == OURS
+
+
+def test_a_mode_gets_no_options_at_all(compile_calls):
+    # torch.compile refuses mode together with options (guard_filter_fn travels in options).
+    compiled.bucket_function("m", {"mode": "max-autotune"}, "cpu")
     assert "options" not in compile_calls[0]
 
 
-def test_eager_buckets_are_not_compiled(compile_calls):
-    assert compiled.bucket_function("d", False) is compiled.apply_update
-    assert compile_calls == []
+def _bucket_args(shape: tuple[int, ...], lr: float) -> tuple:
+    tx = afx.count_steps(afx.chain(T.scale_by_factored_rms(), T.clip_by_rms(1.0),
+                                   T.scale_by_learning_rate(lr)))
+    g = torch.Generator().manual_seed(sum(shape))
+    param = torch.nn.Parameter(torch.randn(shape, generator=g))
+    grad = torch.randn(shape, generator=g)
+    state = tx.init(param)
+    hyper = {"lr": torch.full((1,), lr, dtype=torch.float64)}
+    return tx, param, grad, state, hyper
+
+
+@torch.no_grad()
+def test_a_bucket_is_traced_once_yet_still_guards_its_tensors():
+    # The graph keeps no guard on the transformation (its Python objects are not re-checked),
+    # so one trace serves every call; the tensor guards stay, so a tensor the graph was not
+    # traced for gets a graph of its own instead of a wrong result.
+    kept: list = []
+
+    def recording(entries):
+        flags = compiled.traced_once_guards(entries)
+        kept.extend(e for e, keep in zip(entries, flags) if keep)
+        return flags
+
+    fn = torch.compile(compiled._private_copy(compiled.apply_update, "guards"),
+                       backend="eager", fullgraph=True, dynamic=False,
+                       options={"guard_filter_fn": recording})
+    counters.clear()
+    tx, param, grad, state, hyper = _bucket_args((6, 5), 0.1)
+    expected = param.detach().clone()
+    compiled.apply_update(tx, expected, grad, tree_map(torch.clone, state), hyper)
+    fn(tx, param, grad, state, hyper)
+    assert torch.equal(param.detach(), expected)
+    assert kept and not any(e.name == "tx" or e.name.startswith(("tx.", "tx[")) or e.is_global
+                            for e in kept)
+    assert {"param", "grad"} <= {e.name for e in kept if e.guard_type == "TENSOR_MATCH"}
+    assert counters["stats"]["unique_graphs"] == 1
+
+    other = _bucket_args((4, 3), 0.1)
+    fn(*other)
+    assert counters["stats"]["unique_graphs"] == 2
