@@ -159,7 +159,8 @@ class Optimizer(torch.optim.Optimizer):
         compile: ``True`` (default) to compile each bucket, ``False`` to run the same chain
             eagerly, or a dict of ``torch.compile`` options (``backend``, ``mode``, ...). On
             CPU, Inductor also gets :data:`afx.optim.compiled.CPU_INDUCTOR_OPTIONS` unless the
-            dict sets ``mode``, another backend, or the same keys in its own ``options``.
+            dict sets ``mode``, another backend, or the same keys in its own ``options``;
+            ``{"options": {"guard_filter_fn": None}}`` keeps all of Dynamo's guards.
         skip_nonfinite: skip the update of any parameter whose gradient has a NaN or Inf:
             its parameter and state (step count included) stay as they were, and
             :attr:`skipped_updates` counts it. Decided on the device, without a host sync.
