@@ -11,8 +11,10 @@ compiled graph) and divided by the global count, and one that does not stays loc
 
 Outside such a context (a single process, DDP, a replicated parameter) every helper is the
 identity or its single-process expression, and the traced graphs do not change. The context is
-a plain module attribute set outside the compiled function; Dynamo reads it at trace time and
-guards on it, and the adapter gives every distinct sharding its own bucket function.
+a plain module attribute set outside the compiled function; Dynamo reads it at trace time
+only (bucket functions keep no guard on module globals), so the adapter gives every distinct
+sharding its own bucket function and always calls it under that sharding. The attribute is
+process-wide: optimizers stepping in several threads at once would see each other's.
 
 References:
     Zhao et al., "PyTorch FSDP: Experiences on Scaling Fully Sharded Data Parallel", 2023:

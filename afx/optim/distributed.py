@@ -125,8 +125,8 @@ def sharding_of(p: Tensor, what: str) -> _sharding.Sharding | None:
                          "FSDP2's even chunking")
     found = _sharding.Sharding(mesh.get_group().group_name, mesh.size(), tuple(p.shape),
                                offset, rows)
-    # One object per distinct sharding: compiled bucket functions guard on the current one, so
-    # parameters sharing a bucket must present the very same object.
+    # One object per distinct sharding, so equal shardings are one bucket key and one context
+    # object (a bucket function is traced under it once and keeps no guard on it).
     return _INTERNED.setdefault(found, found)
 
 

@@ -68,11 +68,21 @@ def _bucket_args(shape: tuple[int, ...], lr: float) -> tuple:
     return tx, param, grad, state, hyper
 
 
+def _run_eager(tx, param, grad, state, hyper, sr_seed=None, skipped=None):
+    """The parameter after one eager apply_update on copies of the arguments."""
+    expected = param.detach().clone()
+    compiled.apply_update(tx, expected, grad.clone(), tree_map(torch.clone, state), hyper,
+                          sr_seed, None if skipped is None else skipped.clone())
+    return expected
+
+
 @torch.no_grad()
-def test_a_bucket_is_traced_once_yet_still_guards_its_tensors():
-    # The graph keeps no guard on the transformation (its Python objects are not re-checked),
-    # so one trace serves every call; the tensor guards stay, so a tensor the graph was not
-    # traced for gets a graph of its own instead of a wrong result.
+def test_a_bucket_is_traced_once_yet_still_guards_its_tensors_and_arguments():
+    # No guard on the transformation is re-checked, so a second transformation built the
+    # same way reuses the graph (traced once). The guards on tensors, on the state and on the
+    # optional arguments stay, and so do the global-state guards: a call the graph was not
+    # traced for (another shape, a skip counter where the trace had None) gets a graph of its
+    # own instead of a wrong result.
     kept: list = []
 
     def recording(entries):
@@ -84,16 +94,29 @@ def test_a_bucket_is_traced_once_yet_still_guards_its_tensors():
                        backend="eager", fullgraph=True, dynamic=False,
                        options={"guard_filter_fn": recording})
     counters.clear()
-    tx, param, grad, state, hyper = _bucket_args((6, 5), 0.1)
-    expected = param.detach().clone()
-    compiled.apply_update(tx, expected, grad, tree_map(torch.clone, state), hyper)
-    fn(tx, param, grad, state, hyper)
-    assert torch.equal(param.detach(), expected)
-    assert kept and not any(e.name == "tx" or e.name.startswith(("tx.", "tx[")) or e.is_global
-                            for e in kept)
-    assert {"param", "grad"} <= {e.name for e in kept if e.guard_type == "TENSOR_MATCH"}
+    first = _bucket_args((6, 5), 0.1)
+    expected = _run_eager(*first)
+    fn(*first)
+    assert torch.equal(first[1].detach(), expected)
+    assert counters["stats"]["unique_graphs"] == 1
+    kept_types = {e.guard_type for e in kept}
+    assert {"TENSOR_MATCH", "GRAD_MODE", "GLOBAL_STATE"} <= kept_types
+    roots = {e.name.split(".")[0].split("[")[0] for e in kept if e.name}
+    assert {"param", "grad", "state", "hyper", "sr_seed", "skipped"} <= roots
+    assert "tx" not in roots
+
+    second = _bucket_args((6, 5), 0.05)  # a new transformation object, another lr
+    assert second[0] is not first[0]
+    expected = _run_eager(*second)
+    fn(*second)
+    assert torch.equal(second[1].detach(), expected)
     assert counters["stats"]["unique_graphs"] == 1
 
-    other = _bucket_args((4, 3), 0.1)
-    fn(*other)
+    counted = (*_bucket_args((6, 5), 0.1), None, torch.zeros((), dtype=torch.int64))
+    expected = _run_eager(*counted)
+    fn(*counted)
+    assert torch.equal(counted[1].detach(), expected)
     assert counters["stats"]["unique_graphs"] == 2
+
+    fn(*_bucket_args((4, 3), 0.1))
+    assert counters["stats"]["unique_graphs"] == 3
