@@ -104,7 +104,8 @@ def traced_once_guards(entries: Sequence[Any]) -> list[bool]:
     A bucket's transformation cannot change: the adapter builds one per set of structural
     options and keys the bucket by them (and by shape, dtypes, device and sharding), so those
     guards could only fail if a transformation's own Python state were mutated, which
-    transformations, pure functions of their arguments, do not do.
+    transformations, pure functions of their arguments, do not do (afx's keep at most
+    append-only caches keyed by what the bucket key already fixes).
 
     Args:
         entries: Dynamo's ``GuardFilterEntry`` list of one compiled graph.
@@ -113,7 +114,8 @@ def traced_once_guards(entries: Sequence[Any]) -> list[bool]:
         One flag per entry: ``True`` to keep the guard.
 
     References:
-        ``torch.compile(options={"guard_filter_fn": ...})``, PyTorch 2.7 (2025).
+        PyTorch documentation of ``torch.compile(options={"guard_filter_fn": ...})`` and
+        ``torch.compiler.keep_tensor_guards_unsafe`` (2025).
 
     Example:
         >>> from types import SimpleNamespace as Entry
