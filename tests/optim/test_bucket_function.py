@@ -57,6 +57,11 @@ def test_a_mode_gets_no_options_at_all(compile_calls):
     assert "options" not in compile_calls[0]
 
 
+def test_eager_buckets_are_not_compiled(compile_calls):
+    assert compiled.bucket_function("d", False) is compiled.apply_update
+    assert compile_calls == []
+
+
 def _bucket_args(shape: tuple[int, ...], lr: float) -> tuple:
     tx = afx.count_steps(afx.chain(T.scale_by_factored_rms(), T.clip_by_rms(1.0),
                                    T.scale_by_learning_rate(lr)))
