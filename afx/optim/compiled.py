@@ -16,6 +16,7 @@ import torch
 
 from afx.base import GradientTransformation, Hyper
 from afx.numerics import all_finite
+from afx.optim import precompiled
 from afx.rounding import stochastic_round
 
 Tensor = torch.Tensor
@@ -93,19 +94,27 @@ def _private_copy(fn: Callable, tag: str) -> Callable:
 CPU_INDUCTOR_OPTIONS = {"realize_opcount_threshold": 20}
 
 
+#: Identity guards on classes and functions: Dynamo sets them on the named-tuple types of a
+#: state (and their ``__new__``), whose structure the bucket key already fixes. The precompile
+#: API cannot serialize them either.
+IDENTITY_GUARDS = frozenset({"CLASS_MATCH", "CLOSURE_MATCH", "FUNCTION_MATCH", "MODULE_MATCH"})
+
+
 def traced_once_guards(entries: Sequence[Any]) -> list[bool]:
-    """Dynamo guard filter of a bucket function: drops the guards on the transformation and on
-    module globals, keeps those on the tensors, the state's structure and the hyperparameters.
+    """Dynamo guard filter of a bucket function: drops the guards on the transformation, on
+    module globals and on the identity of classes and functions; keeps those on the tensors,
+    the state's structure and the hyperparameters.
 
     Dynamo re-checks on every call each Python object the trace read: for a chain of
     closures that is about 400 guards, some of them Python lambdas. Measured with
     ``torch.profiler`` ("TorchDynamo Cache Lookup") on the Adafactor8Bit default at 124M
     parameters (148 calls per step): 45 ms per step with all guards, 10 ms with this filter.
     A bucket's transformation cannot change: the adapter builds one per set of structural
-    options and keys the bucket by them (and by shape, dtypes, device and sharding), so those
-    guards could only fail if a transformation's own Python state were mutated, which
-    transformations, pure functions of their arguments, do not do (afx's keep at most
-    append-only caches keyed by what the bucket key already fixes).
+    options and keys the bucket by them (and by shape, dtypes, device, sharding and the
+    state's structure, named-tuple types included), so those guards could only fail if a
+    transformation's own Python state were mutated, which transformations, pure functions of
+    their arguments, do not do (afx's keep at most append-only caches keyed by what the
+    bucket key already fixes).
 
     Args:
         entries: Dynamo's ``GuardFilterEntry`` list of one compiled graph.
@@ -120,16 +129,21 @@ def traced_once_guards(entries: Sequence[Any]) -> list[bool]:
     Example:
         >>> from types import SimpleNamespace as Entry
         >>> from afx.optim.compiled import traced_once_guards
-        >>> traced_once_guards([Entry(name="tx.update", is_global=False),
-        ...                     Entry(name="param", is_global=False),
-        ...                     Entry(name="G['torch']", is_global=True)])
-        [False, True, False]
+        >>> traced_once_guards([
+        ...     Entry(name="tx.update", is_global=False, guard_type="CLOSURE_MATCH"),
+        ...     Entry(name="param", is_global=False, guard_type="TENSOR_MATCH"),
+        ...     Entry(name="type(state.inner)", is_global=False, guard_type="CLASS_MATCH"),
+        ...     Entry(name="G['torch']", is_global=True, guard_type="MODULE_MATCH")])
+        [False, True, False, False]
     """
-    return [not (e.is_global or e.name == "tx" or e.name.startswith(("tx.", "tx[")))
+    return [not (e.is_global or e.guard_type in IDENTITY_GUARDS or e.name == "tx"
+                 or e.name.startswith(("tx.", "tx[")))
             for e in entries]
 
 
-def bucket_function(tag: str, compile: bool | dict, device_type: str = "cpu") -> Callable:
+def bucket_function(tag: str, compile: bool | dict, device_type: str = "cpu",
+                    cache_key: Callable[[dict[str, Any]], str | None] | None = None
+                    ) -> Callable:
     """The update function of one bucket: compiled (``fullgraph=True, dynamic=False``) or eager.
 
     Args:
@@ -138,12 +152,16 @@ def bucket_function(tag: str, compile: bool | dict, device_type: str = "cpu") ->
             dict of extra ``torch.compile`` keyword arguments (``backend``, ``mode``, ``options``).
         device_type: the bucket's device type; on ``"cpu"`` the Inductor backend gets
             :data:`CPU_INDUCTOR_OPTIONS`.
+        cache_key: maps the final ``torch.compile`` options to the bucket's key in the on-disk
+            cache of precompiled functions (:mod:`afx.optim.precompiled`), or to ``None`` for a
+            bucket that is not cached; omitted, nothing is cached.
 
     Returns:
         :func:`apply_update` itself, or its compiled copy, traced once: unless the caller
         passes ``mode`` (which ``torch.compile`` does not combine with ``options``), the
         guards are filtered by :func:`traced_once_guards`. The caller's own ``options`` win
-        over afx's, key by key.
+        over afx's, key by key. With a cache key (and a torch with the precompile API), the
+        compiled copy is loaded from or saved to the cache directory.
 
     References:
         Ansel et al., "PyTorch 2: Faster Machine Learning Through Dynamic Python Bytecode
@@ -164,4 +182,9 @@ def bucket_function(tag: str, compile: bool | dict, device_type: str = "cpu") ->
         if device_type == "cpu" and options.get("backend", "inductor") == "inductor":
             ours.update(CPU_INDUCTOR_OPTIONS)
         options["options"] = {**ours, **(options.get("options") or {})}
-    return torch.compile(_private_copy(apply_update, tag), **options)
+    fn = _private_copy(apply_update, tag)
+    key = cache_key(options) if cache_key is not None and precompiled.available() else None
+    directory = precompiled.cache_dir() if key is not None else None
+    if directory is not None:
+        return precompiled.PrecompiledFunction(fn, options, key, directory)
+    return torch.compile(fn, **options)

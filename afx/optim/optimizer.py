@@ -13,7 +13,7 @@ import torch
 
 from afx import sharding
 from afx.base import CountState, GradientTransformation, count_steps
-from afx.optim import distributed
+from afx.optim import distributed, precompiled
 from afx.optim.compiled import bucket_function
 from afx.tree import flatten_state, param_index, param_names
 
@@ -138,7 +138,11 @@ class Optimizer(torch.optim.Optimizer):
     of its arguments, as every afx transform is.
     State is created eagerly the first time a parameter has a gradient; parameters sharing a
     transformation, shape, dtypes and device share one compiled function
-    (``torch.compile(fullgraph=True, dynamic=False)``), called once per parameter.
+    (``torch.compile(fullgraph=True, dynamic=False)``), called once per parameter. afx's own
+    optimizer classes (not this class itself, nor subclasses defined elsewhere, whose chains
+    afx cannot key) also save each compiled bucket function to an on-disk cache, so a later
+    process skips Dynamo's tracing; ``AFX_PRECOMPILED_DIR=0`` turns it off (see
+    :mod:`afx.optim.precompiled`).
 
     ``state[p]`` is a flat ``dict[str, Tensor]``: ``"step"`` plus the transformation's state
     leaves under dotted names (``"rms.v_row"`` for a :func:`afx.named_chain` part ``"rms"``).
@@ -552,7 +556,9 @@ class Optimizer(torch.optim.Optimizer):
                 fn = self._buckets.get(plan.bucket)
                 if fn is None:
                     fn = self._buckets[plan.bucket] = bucket_function(
-                        f"bucket{len(self._buckets)}", self._compile, p.device.type)
+                        f"bucket{len(self._buckets)}", self._compile, p.device.type,
+                        functools.partial(precompiled.bucket_key, type(self), plan.bucket,
+                                          device=p.device))
                 skipped = None
                 if self._skip_nonfinite:
                     skipped = self._skipped.get(p.device)

@@ -106,6 +106,7 @@ def test_a_bucket_is_traced_once_yet_still_guards_its_tensors_and_arguments():
     assert counters["stats"]["unique_graphs"] == 1
     kept_types = {e.guard_type for e in kept}
     assert {"TENSOR_MATCH", "GRAD_MODE", "GLOBAL_STATE"} <= kept_types
+    assert not kept_types & compiled.IDENTITY_GUARDS  # the state's named-tuple classes
     roots = {e.name.split(".")[0].split("[")[0] for e in kept if e.name}
     assert {"param", "grad", "state", "hyper", "sr_seed", "skipped"} <= roots
     assert "tx" not in roots

@@ -203,7 +203,8 @@ def test_failed_rebuild_restores_state_of_the_old_structure(monkeypatch) -> None
     before = capture(opt, params)
     assert "exp_avg" in before["state"][1]
 
-    def broken(tag: str, compile: bool | dict, device_type: str = "cpu") -> Callable:
+    def broken(tag: str, compile: bool | dict, device_type: str = "cpu",
+               cache_key: Callable | None = None) -> Callable:
         def fn(*args):
             raise Injected("injected failure of a new bucket function")
         return fn
