@@ -251,12 +251,15 @@ def scale_by_apollo(
             u0 = clip_rms(low * inv, hyper_value(hyper, "clip_threshold", clip_threshold),
                           sharded=right)
             m = torch.lerp(state.m, u0, 1.0 - b1)
-            residual = (u0 - m).square() + hyper_value(hyper, "eps_came", eps_came)
+            eps_c = hyper_value(hyper, "eps_came", eps_came)
+            residual = (u0 - m).square() + eps_c
             c_weight = 1.0 - hyper_value(hyper, "beta3", beta3)
             if factorize:
                 c_row = torch.lerp(state.c_row, full_mean(residual, -1, sharded=right),
                                    c_weight)
-                c_col = torch.lerp(state.c_col, full_mean(residual, -2, sharded=right),
+                # (m − u0)², not the same expression: see came_confidence (no stored residual).
+                c_col = torch.lerp(state.c_col,
+                                   full_mean((m - u0).square() + eps_c, -2, sharded=right),
                                    c_weight)
                 new.update(c_row=c_row, c_col=c_col)
                 scaled = m * factored_rsqrt(c_row, c_col, FLT_MIN, sharded=right)

@@ -96,10 +96,14 @@ def came_confidence(beta1: float = 0.9, beta3: float = 0.9999, eps_came: float =
         m = torch.lerp(state.m, u, 1.0 - hyper_value(hyper, "beta1", beta1))
         if isinstance(state, EmaState):
             return m, EmaState(m)
-        residual = (u - m).square() + hyper_value(hyper, "eps_came", eps_came)
+        eps = hyper_value(hyper, "eps_came", eps_came)
         weight = 1.0 - hyper_value(hyper, "beta3", beta3)
-        c_row = torch.lerp(state.c_row, full_mean(residual, -1), weight)
-        c_col = torch.lerp(state.c_col, full_mean(residual, -2), weight)
+        c_row = torch.lerp(state.c_row, full_mean((u - m).square() + eps, -1), weight)
+        # The same residual, written as (m − u)² (equal bits): as one expression feeding two
+        # reductions over different axes, the compiler stores it whole (a parameter-sized
+        # float32 temporary) for the second; as two, the column pass recomputes it from m,
+        # which is stored anyway, and reads the same number of bytes.
+        c_col = torch.lerp(state.c_col, full_mean((m - u).square() + eps, -2), weight)
         inv = factored_rsqrt(c_row, c_col, hyper_value(hyper, "eps1", eps1))
         return m * inv, CameState(m, c_row, c_col)
 
