@@ -121,6 +121,7 @@ class Adafactor(Optimizer):
         "rms.v_row": "exp_avg_sq_row", "rms.v_col": "exp_avg_sq_col", "rms.v": "exp_avg_sq",
         "momentum.m": "exp_avg"})
     option_names = MappingProxyType({"eps1": "eps[0]", "eps2": "eps[1]"})
+    precompile = True  # the chain is afx's, built from the static options
 
     def __init__(self, params: Iterable, lr: float | None = None,
                  eps: tuple[float, float] = (1e-30, 1e-3), clip_threshold: float = 1.0,

@@ -363,6 +363,7 @@ class Adafactor8Bit(Optimizer):
     # APOLLO rank) and the floor of APOLLO's V codes.
     structural_options = ("block_size", "m_block_size", "min_8bit_size", "apollo_rank",
                           "apollo_eps")
+    precompile = True  # the chain is afx's, built from the static options
 
     def __init__(self, params: Iterable, *, compile: bool | dict = True,
                  skip_nonfinite: bool = True, atomic: bool = False, **options: Any) -> None:

@@ -138,10 +138,10 @@ class Optimizer(torch.optim.Optimizer):
     of its arguments, as every afx transform is.
     State is created eagerly the first time a parameter has a gradient; parameters sharing a
     transformation, shape, dtypes and device share one compiled function
-    (``torch.compile(fullgraph=True, dynamic=False)``), called once per parameter. afx's own
-    optimizer classes (not this class itself, nor subclasses defined elsewhere, whose chains
-    afx cannot key) also save each compiled bucket function to an on-disk cache, so a later
-    process skips Dynamo's tracing; ``AFX_PRECOMPILED_DIR=0`` turns it off (see
+    (``torch.compile(fullgraph=True, dynamic=False)``), called once per parameter. afx's prepackaged
+    optimizers (classes that set :attr:`precompile`; not this class, whose chain is the
+    user's) also save each compiled bucket function to an on-disk cache, so a later process
+    skips Dynamo's tracing; ``AFX_PRECOMPILED_DIR=0`` turns it off (see
     :mod:`afx.optim.precompiled`).
 
     ``state[p]`` is a flat ``dict[str, Tensor]``: ``"step"`` plus the transformation's state
@@ -212,6 +212,10 @@ class Optimizer(torch.optim.Optimizer):
     #: numeric options the transformation is built from (sizes, ranks): a change rebuilds it,
     #: and groups that differ in one get separate transformations.
     structural_options: tuple[str, ...] = ()
+    #: whether this class's compiled buckets go to afx's on-disk cache
+    #: (:mod:`afx.optim.precompiled`). Read from the class itself, never inherited: only a
+    #: class whose chain is a function of afx's source and its static options may set it.
+    precompile: bool = False
 
     def __init__(self, params: Iterable, tx: GradientTransformation | TxFactory, *,
                  compile: bool | dict = True, skip_nonfinite: bool = False,

@@ -31,6 +31,22 @@ FLT_MIN = torch.finfo(torch.float32).tiny
 _SALT = 0x41504F4C
 
 
+def _state_type(fields: tuple[str, ...]) -> type:
+    """The ``ApolloState`` named tuple with these fields (they depend on the options).
+
+    One class per set of fields, named after the optional ones and kept as an attribute of
+    this module, so that pickle finds it by reference: a saved compiled function's guards
+    (:mod:`afx.optim.precompiled`) must name the very class a later process passes in. A
+    class made anew in each call (or one whose ``__qualname__`` differs from its name) is
+    rebuilt when the guards are loaded and never matches.
+    """
+    name = "_".join(("ApolloState", *fields[3:]))  # seed, draws, last_refresh: always there
+    cls = globals().get(name)
+    if cls is None:
+        cls = globals()[name] = namedtuple(name, fields, module=__name__)
+    return cls
+
+
 def low_rank_shape(shape: tuple[int, ...], rank: int) -> tuple[int, int]:
     """Shape of the projected gradient of a parameter of ``shape`` (≥ 2 dims).
 
@@ -171,7 +187,7 @@ def scale_by_apollo(
     fields += ["m"] if momentum else []
     if confidence:
         fields += ["c_row", "c_col"] if factorize else ["res"]
-    state_type = namedtuple("ApolloState", fields)
+    state_type = _state_type(tuple(fields))
     seeds = itertools.count(seed)
 
     def init_leaf(p: Tensor) -> Any:
@@ -285,7 +301,9 @@ def scale_by_apollo(
             dim = -1 if right else -2
             s = (torch.linalg.vector_norm(scaled, dim=dim, keepdim=True)
                  / (torch.linalg.vector_norm(low, dim=dim, keepdim=True) + 1e-8))
-        new_state = state._replace(**new)
+        # Built by calling the class, not with _replace: Dynamo would guard the identity of
+        # _replace's helper functions, which a saved compiled function cannot keep.
+        new_state = type(state)(*(new.get(f, getattr(state, f)) for f in state._fields))
         return (s * g).reshape(local_shape), new_state
 
     return per_leaf(init_leaf, update_leaf, hyperparams(**specs))
