@@ -48,14 +48,40 @@ ENV = "AFX_PRECOMPILED_DIR"
 
 
 def available() -> bool:
-    """Whether this torch build has the precompile API the cache needs."""
+    """Whether this torch build has the precompile API the cache needs.
+
+    Returns:
+        ``True`` if ``torch.compiler.load_compiled_function`` exists.
+
+    References:
+        PyTorch documentation of ``torch.compiler.load_compiled_function`` (2025).
+
+    Example:
+        >>> from afx.optim.precompiled import available
+        >>> isinstance(available(), bool)
+        True
+    """
     return hasattr(torch.compiler, "load_compiled_function")
 
 
 def cache_dir() -> Path | None:
-    """The cache directory: ``$AFX_PRECOMPILED_DIR``, else ``afx/`` in Inductor's cache
-    directory (which follows ``TORCHINDUCTOR_CACHE_DIR``); ``None`` when disabled, also by
-    Inductor's ``force_disable_caches``."""
+    """The cache directory.
+
+    Returns:
+        ``$AFX_PRECOMPILED_DIR``, else ``afx/`` in Inductor's cache directory (which follows
+        ``TORCHINDUCTOR_CACHE_DIR``); ``None`` when disabled (``AFX_PRECOMPILED_DIR=0``, or
+        Inductor's ``force_disable_caches``).
+
+    References:
+        PyTorch documentation of Inductor's cache directory (``TORCHINDUCTOR_CACHE_DIR``).
+
+    Example:
+        >>> from unittest import mock
+        >>> from afx.optim.precompiled import cache_dir
+        >>> with mock.patch.dict("os.environ", {"AFX_PRECOMPILED_DIR": "0"}):
+        ...     cache_dir() is None
+        True
+    """
     from torch._inductor import config as inductor_config
     from torch._inductor.runtime.cache_dir_utils import cache_dir as inductor_cache_dir
 
