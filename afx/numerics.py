@@ -113,18 +113,20 @@ def _sum_down_columns(x: Tensor) -> Tensor:
 
     Inductor's C++ loop for a plain sum over the rows walks down each column (a stride of one
     row per element), several times slower than a pass in memory order on a tall matrix such
-    as a 50257×768 embedding; grouping the rows makes it stream through memory in order. Rows
-    left over when the count is not a multiple of 16 are added on their own.
+    as a 50257×768 embedding; grouping the rows makes it stream through memory in order. A row
+    count that is not a multiple of 16 is padded with zero rows (exact for a sum), which
+    Inductor folds into the loop as a masked load: summing the leftover rows on their own
+    instead would read ``x`` twice, and an ``x`` that is an expression with many operations
+    (CAME's residual) would then be stored whole as a parameter-sized buffer.
     """
     rows, cols = x.shape[-2], x.shape[-1]
-    grouped = rows - rows % _ROW_GROUP
-    if grouped < 2 * _ROW_GROUP:
+    if rows < 2 * _ROW_GROUP:
         return x.sum(dim=-2)
-    head = x[..., :grouped, :].reshape(*x.shape[:-2], grouped // _ROW_GROUP, _ROW_GROUP, cols)
-    total = head.sum(dim=-2).sum(dim=-2)
-    if grouped < rows:
-        total = total + x[..., grouped:, :].sum(dim=-2)
-    return total
+    pad = -rows % _ROW_GROUP
+    if pad:
+        x = torch.nn.functional.pad(x, (0, 0, 0, pad))
+    groups = (rows + pad) // _ROW_GROUP
+    return x.reshape(*x.shape[:-2], groups, _ROW_GROUP, cols).sum(dim=-2).sum(dim=-2)
 
 
 def all_finite(x: Tensor, *, sharded: bool = True) -> Tensor:

@@ -21,10 +21,11 @@ def test_compiled_came_keeps_one_parameter_sized_temporary(
     """The residual (u − m)² feeds a row and a column mean. Inductor's CPU code for the whole
     CAME step (8-bit momentum, factored V and confidence) allocates one parameter-sized
     buffer, the new momentum; the residual is recomputed from it for the column mean instead
-    of being stored whole (which cost a second one)."""
+    of being stored whole (which cost a second one). 500 rows: not a multiple of the 16-row
+    groups the column sums use, like the 50257-row GPT-2 embedding."""
     monkeypatch.setenv(precompiled.ENV, "0")  # a loaded function would show no source
-    param = torch.nn.Parameter(torch.randn(512, 384) * 0.02)
-    param.grad = torch.randn(512, 384) * 1e-3
+    param = torch.nn.Parameter(torch.randn(500, 384) * 0.02)
+    param.grad = torch.randn(500, 384) * 1e-3
     opt = afx.Adafactor8Bit([param], **CAME)
     with fresh_cache():
         _, sources = run_and_get_code(opt.step)
