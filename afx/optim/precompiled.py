@@ -174,7 +174,10 @@ def bucket_key(owner: type, bucket: tuple, compile_options: dict[str, Any],
         return None
     if compile_options.get("backend", "inductor") != "inductor":
         return None
-    settings = _compiler_settings()
+    try:
+        settings = _compiler_settings()
+    except (AttributeError, TypeError):  # a torch whose config modules differ: do not cache
+        return None
     if settings is None:
         return None
     parts = (FORMAT, torch.__version__, sys.version, _source_digest(),
