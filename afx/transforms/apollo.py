@@ -22,6 +22,7 @@ from afx.base import (
 )
 from afx.counter_rng import normal
 from afx.numerics import clip_rms, factored_rsqrt, fp32_zeros, full_mean, hoisted, norm
+from afx.transforms.came import residual_means
 from afx.tree import current_param_index
 
 Tensor = torch.Tensor
@@ -268,19 +269,15 @@ def scale_by_apollo(
                           sharded=right)
             m = torch.lerp(state.m, u0, 1.0 - b1)
             eps_c = hyper_value(hyper, "eps_came", eps_came)
-            residual = (u0 - m).square() + eps_c
             c_weight = 1.0 - hyper_value(hyper, "beta3", beta3)
             if factorize:
-                c_row = torch.lerp(state.c_row, full_mean(residual, -1, sharded=right),
-                                   c_weight)
-                # (m − u0)², not the same expression: see came_confidence (no stored residual).
-                c_col = torch.lerp(state.c_col,
-                                   full_mean((m - u0).square() + eps_c, -2, sharded=right),
-                                   c_weight)
+                row_mean, col_mean = residual_means(u0, m, eps_c, sharded=right)
+                c_row = torch.lerp(state.c_row, row_mean, c_weight)
+                c_col = torch.lerp(state.c_col, col_mean, c_weight)
                 new.update(c_row=c_row, c_col=c_col)
                 scaled = m * factored_rsqrt(c_row, c_col, FLT_MIN, sharded=right)
             else:
-                res = torch.lerp(state.res, residual, c_weight)
+                res = torch.lerp(state.res, (u0 - m).square() + eps_c, c_weight)
                 new["res"] = res
                 scaled = m * torch.maximum(res, floor).rsqrt()
             new["m"] = m

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 
@@ -44,6 +44,38 @@ class CameState(NamedTuple):
     m: Tensor
     c_row: Tensor
     c_col: Tensor
+
+
+def residual_means(u: Tensor, m: Tensor, eps: Any, *,
+                   sharded: bool = True) -> tuple[Tensor, Tensor]:
+    """Row and column means of CAME's residual ``(u − m)² + eps`` (whole when sharded).
+
+    The column mean's residual is written as ``(m − u)²`` (equal bits): as one expression
+    feeding two reductions over different axes, the compiler stores it whole (a
+    parameter-sized float32 temporary) for the second; as two, the column pass recomputes it
+    from ``m``, which is stored anyway, and reads the same number of bytes.
+
+    Args:
+        u: the normalised update, shape ``(..., R, C)``.
+        m: the new momentum, the same shape.
+        eps: added to the residual (``eps_came``).
+        sharded: ``False`` if ``u`` is the same whole tensor on every rank.
+
+    Returns:
+        ``(mean over C, mean over R)``.
+
+    References:
+        Luo et al., "CAME: Confidence-guided Adaptive Memory Efficient Optimization", 2023.
+
+    Example:
+        >>> import torch
+        >>> from afx.transforms.came import residual_means
+        >>> residual_means(torch.ones(2, 3), torch.zeros(2, 3), 0.0)
+        (tensor([1., 1.]), tensor([1., 1., 1.]))
+    """
+    rows = full_mean((u - m).square() + eps, -1, sharded=sharded)
+    cols = full_mean((m - u).square() + eps, -2, sharded=sharded)
+    return rows, cols
 
 
 def came_confidence(beta1: float = 0.9, beta3: float = 0.9999, eps_came: float = 1e-16,
@@ -96,14 +128,10 @@ def came_confidence(beta1: float = 0.9, beta3: float = 0.9999, eps_came: float =
         m = torch.lerp(state.m, u, 1.0 - hyper_value(hyper, "beta1", beta1))
         if isinstance(state, EmaState):
             return m, EmaState(m)
-        eps = hyper_value(hyper, "eps_came", eps_came)
+        row_mean, col_mean = residual_means(u, m, hyper_value(hyper, "eps_came", eps_came))
         weight = 1.0 - hyper_value(hyper, "beta3", beta3)
-        c_row = torch.lerp(state.c_row, full_mean((u - m).square() + eps, -1), weight)
-        # The same residual, written as (m − u)² (equal bits): as one expression feeding two
-        # reductions over different axes, the compiler stores it whole (a parameter-sized
-        # float32 temporary) for the second; as two, the column pass recomputes it from m,
-        # which is stored anyway, and reads the same number of bytes.
-        c_col = torch.lerp(state.c_col, full_mean((m - u).square() + eps, -2), weight)
+        c_row = torch.lerp(state.c_row, row_mean, weight)
+        c_col = torch.lerp(state.c_col, col_mean, weight)
         inv = factored_rsqrt(c_row, c_col, hyper_value(hyper, "eps1", eps1))
         return m * inv, CameState(m, c_row, c_col)
 
