@@ -9,7 +9,7 @@ update into in-place kernels and no second copy of the state outlives the step.
 from __future__ import annotations
 
 import types
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -142,8 +142,8 @@ def traced_once_guards(entries: Sequence[Any]) -> list[bool]:
 
 
 def bucket_function(tag: str, compile: bool | dict, device_type: str = "cpu",
-                    cache_key: Callable[[dict[str, Any]], str | None] | None = None
-                    ) -> Callable:
+                    cache_key: Callable[[dict[str, Any]], str | None] | None = None, *,
+                    cpu_options: Mapping[str, Any] = CPU_INDUCTOR_OPTIONS) -> Callable:
     """The update function of one bucket: compiled (``fullgraph=True, dynamic=False``) or eager.
 
     Args:
@@ -151,10 +151,11 @@ def bucket_function(tag: str, compile: bool | dict, device_type: str = "cpu",
         compile: ``False`` for eager, ``True`` for the default ``torch.compile`` settings, or a
             dict of extra ``torch.compile`` keyword arguments (``backend``, ``mode``, ``options``).
         device_type: the bucket's device type; on ``"cpu"`` the Inductor backend gets
-            :data:`CPU_INDUCTOR_OPTIONS`.
+            ``cpu_options``.
         cache_key: maps the final ``torch.compile`` options to the bucket's key in the on-disk
             cache of precompiled functions (:mod:`afx.optim.precompiled`), or to ``None`` for a
             bucket that is not cached; omitted, nothing is cached.
+        cpu_options: Inductor options on CPU (default :data:`CPU_INDUCTOR_OPTIONS`).
 
     Returns:
         :func:`apply_update` itself, or its compiled copy, traced once: unless the caller
@@ -180,7 +181,7 @@ def bucket_function(tag: str, compile: bool | dict, device_type: str = "cpu",
     if "mode" not in options:
         ours: dict[str, Any] = {"guard_filter_fn": traced_once_guards}
         if device_type == "cpu" and options.get("backend", "inductor") == "inductor":
-            ours.update(CPU_INDUCTOR_OPTIONS)
+            ours.update(cpu_options)
         options["options"] = {**ours, **(options.get("options") or {})}
     fn = _private_copy(apply_update, tag)
     key = cache_key(options) if cache_key is not None and precompiled.available() else None

@@ -14,7 +14,7 @@ import torch
 from afx import sharding
 from afx.base import CountState, GradientTransformation, count_steps
 from afx.optim import distributed, precompiled
-from afx.optim.compiled import bucket_function
+from afx.optim.compiled import CPU_INDUCTOR_OPTIONS, bucket_function
 from afx.tree import flatten_state, param_index, param_names
 
 Tensor = torch.Tensor
@@ -289,6 +289,16 @@ class Optimizer(torch.optim.Optimizer):
         """
         return bool(group.get("stochastic_rounding", False))
 
+    def cpu_inductor_options(self, state_keys: tuple[str, ...]) -> Mapping[str, Any]:
+        """Inductor options of the compiled update of a CPU parameter whose state has
+        ``state_keys`` (its ``self.state[p]`` keys, ``"step"`` aside).
+
+        The default is :data:`afx.optim.compiled.CPU_INDUCTOR_OPTIONS` for every bucket;
+        prepackaged optimizers return other options for routes that measured faster with
+        them. Options in the ``compile`` dict win over these.
+        """
+        return CPU_INDUCTOR_OPTIONS
+
     def hyper_values(self, group: Mapping[str, Any]) -> Mapping[str, Any]:
         """The group's hyperparameters under the names the transformation reads.
 
@@ -562,7 +572,8 @@ class Optimizer(torch.optim.Optimizer):
                     fn = self._buckets[plan.bucket] = bucket_function(
                         f"bucket{len(self._buckets)}", self._compile, p.device.type,
                         functools.partial(precompiled.bucket_key, type(self), plan.bucket,
-                                          device=p.device))
+                                          device=p.device),
+                        cpu_options=self.cpu_inductor_options(plan.keys))
                 skipped = None
                 if self._skip_nonfinite:
                     skipped = self._skipped.get(p.device)

@@ -90,6 +90,7 @@ def scale_by_apollo(
     clip_threshold: float = 1.0,
     cache_proj: bool = False,
     seed: int = 1,
+    finite_grads: bool = False,
 ) -> GradientTransformation:
     """Scales the full-rank gradient by step sizes an Adam-like rule finds in a projection.
 
@@ -111,7 +112,8 @@ def scale_by_apollo(
     The output is the gradient scaled per channel, ``S ⊙ G`` with
     ``S_i = ‖U_i‖ / (‖L_i‖ + 1e-8)`` over the rows (``R ≥ C``) or columns of ``L``, or one
     ``S = ‖U‖ / (‖L‖ + 1e-8)`` for ``scale_type="tensor"``. Non-finite gradient entries count as
-    zero. Moments persist across projection refreshes.
+    zero, unless ``finite_grads`` says the caller discards such updates. Moments persist across
+    projection refreshes.
 
     The projection is a counter-based function of the parameter's seed and how many times it
     was redrawn (:func:`afx.counter_rng.normal`), so it is regenerated inside the compiled step
@@ -140,6 +142,10 @@ def scale_by_apollo(
         clip_threshold: default of ``"clip_threshold"`` (``d``; 0 disables the clip of ``U₀``).
         cache_proj: store the projection in the state.
         seed: the first parameter's seed.
+        finite_grads: use ``G`` as it is, without replacing its NaN and ±Inf entries by zero:
+            for callers that throw away the update of a non-finite gradient anyway (an
+            :class:`afx.optim.Optimizer` with ``skip_nonfinite=True``). Saves a float32 copy of
+            the gradient, the largest temporary of the step.
 
     Returns:
         The transformation (≥ 2-D parameters; needs ``hyper["step"]``), state a NamedTuple
@@ -232,8 +238,10 @@ def scale_by_apollo(
     def update_leaf(g: Tensor, state: Any, p: Tensor | None, hyper: Hyper | None):
         local_shape = g.shape
         shape = sharding.full_shape(g)
-        g = torch.nan_to_num(g.float(), nan=0.0, posinf=0.0, neginf=0.0).reshape(
-            g.shape[0], math.prod(shape[1:]))  # explicit: a shard may hold no rows
+        g = g.float()
+        if not finite_grads:
+            g = torch.nan_to_num(g, nan=0.0, posinf=0.0, neginf=0.0)
+        g = g.reshape(g.shape[0], math.prod(shape[1:]))  # explicit: a shard may hold no rows
         right = shape[0] >= g.shape[1]
         t = step_count(hyper)
         proj, new = projection(state, t, hyper, proj_shape(shape, rank), g.device)

@@ -125,6 +125,19 @@ def test_non_finite_gradient_entries_count_as_zero() -> None:
     assert torch.equal(torch.nan_to_num(u_bad, posinf=0.0), u_clean)
 
 
+def test_finite_grads_uses_the_gradient_as_it_is() -> None:
+    """``finite_grads=True`` skips the NaN/Inf -> 0 copy: a finite gradient gets exactly the
+    default update, a non-finite entry reaches the update (the caller discards it)."""
+    g = gradients((8, 3), 2)
+    (u, u2), _ = run(T.scale_by_apollo(2, beta2=0.9), g)
+    (v, v2), _ = run(T.scale_by_apollo(2, beta2=0.9, finite_grads=True), g)
+    assert torch.equal(u, v) and torch.equal(u2, v2)
+    bad = g[0].clone()
+    bad[0, 0] = float("nan")
+    (w,), _ = run(T.scale_by_apollo(2, beta2=0.9, finite_grads=True), [bad])
+    assert w.isnan().any()
+
+
 @pytest.mark.parametrize("variant", [dict(factorize=True), dict(momentum=True, confidence=True),
                                      dict(momentum=True, confidence=True, factorize=True)])
 def test_state_fields_and_low_rank_shapes(variant: dict) -> None:
