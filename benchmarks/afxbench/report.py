@@ -12,6 +12,8 @@ from typing import Any
 from afxbench.registry import REGISTRY
 
 MIB = 2**20
+#: Bytes a Python int or float kept in an optimizer state counts for: its 64-bit value.
+PYTHON_NUMBER_BYTES = 8
 
 
 def summarize(key: str, size: str, rounds: Sequence[Mapping[str, Any]],
@@ -216,10 +218,18 @@ def _state_target(subject: str) -> tuple[str, Check]:
         s, a = by.get(subject), by.get(anchor)
         if not s or not a or s["status"] != "ok" or a["status"] != "ok":
             return "not measured", None
-        mine, theirs = s["state_bytes_per_param"], a["state_bytes_per_param"]
-        return f"{mine:.4f} vs {theirs:.4f}", mine <= theirs
+        # Every value the state keeps: tensors by their bytes, Python numbers (adafactor8bit's
+        # step counters, where afx keeps a 4-byte tensor) at 8 bytes each.
+        mine, theirs = _all_state_bytes(s), _all_state_bytes(a)
+        tensors = s["state_bytes"] - a["state_bytes"]
+        return (f"{mine / s['params']:.4f} vs {theirs / a['params']:.4f} (difference "
+                f"{mine - theirs:+,} B in all, tensors alone {tensors:+,} B)"), mine <= theirs
 
-    return f"{subject} state B/param ≤ {anchor}'s", check
+    return f"{subject} state B/param, numbers included, ≤ {anchor}'s", check
+
+
+def _all_state_bytes(row: Mapping[str, Any]) -> int:
+    return row["state_bytes"] + PYTHON_NUMBER_BYTES * row["state_numbers"]
 
 
 def targets() -> list[tuple[str, Check]]:
