@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import resource
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 import torch
@@ -204,7 +205,7 @@ def test_failed_rebuild_restores_state_of_the_old_structure(monkeypatch) -> None
     assert "exp_avg" in before["state"][1]
 
     def broken(tag: str, compile: bool | dict, device_type: str = "cpu",
-               cache_key: Callable | None = None) -> Callable:
+               cache_key: Callable | None = None, *, cpu_options: Any = None) -> Callable:
         def fn(*args):
             raise Injected("injected failure of a new bucket function")
         return fn
