@@ -1,11 +1,16 @@
-"""Shared test helpers: a tiny model with 0-d, 1-D, 2-D and 4-D parameters, training loops."""
+"""Shared test helpers: a tiny model with 0-d, 1-D, 2-D and 4-D parameters, training loops,
+and what a compiled step allocates."""
 
 from __future__ import annotations
 
 import copy
+import os
+import re
 from collections.abc import Callable
+from unittest import mock
 
 import torch
+from torch._inductor.utils import fresh_cache, run_and_get_code
 
 torch.set_num_threads(max(1, torch.get_num_threads()))
 
@@ -56,3 +61,18 @@ def max_rel_diff(a: torch.nn.Module | list, b: torch.nn.Module | list) -> float:
 def replicas(n: int, dtype: torch.dtype = torch.float32) -> list[Tiny]:
     base = Tiny(dtype)
     return [copy.deepcopy(base) for _ in range(n)]
+
+
+_ALLOC = re.compile(r"empty_strided_cpu\(\(([\d, ]*)\),")
+
+
+def step_buffer_sizes(opt: torch.optim.Optimizer) -> list[int]:
+    """Runs ``opt.step()`` compiled from a fresh Inductor cache (precompiled functions off: a
+    loaded one shows no source) and returns the element count of every CPU buffer Inductor's
+    generated code allocates."""
+    from afx.optim import precompiled
+
+    with mock.patch.dict(os.environ, {precompiled.ENV: "0"}), fresh_cache():
+        _, sources = run_and_get_code(opt.step)
+    return [torch.Size(int(d) for d in dims.split(",") if d.strip()).numel()
+            for source in sources for dims in _ALLOC.findall(source)]

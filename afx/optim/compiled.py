@@ -83,7 +83,8 @@ def _private_copy(fn: Callable, tag: str) -> Callable:
                               fn.__closure__)
 
 
-#: Inductor options afx sets on CPU unless the caller's ``compile`` dict overrides them. The C++
+#: Inductor options afx sets on CPU (an optimizer's ``cpu_inductor_options`` may choose others
+#: per bucket; the caller's ``compile`` dict overrides both). The C++
 #: backend inlines a pointwise node into each of its consumers unless its body has more than 50
 #: operations. A decoded 8-bit state with its update (decode, lerp) stays under that, so every
 #: loop that reads it (block maximum, encoding, the parameter update) decodes it again. From

@@ -10,16 +10,14 @@ the package's. The gap is longer than the run, so neither redraws.
 from __future__ import annotations
 
 import math
-import re
 
 import pytest
 import torch
 from adafactor8bit import Adafactor8Bit as Package
+from afx_testing import step_buffer_sizes
 from test_adafactor8bit import rel_diff, state_bytes
-from torch._inductor.utils import fresh_cache, run_and_get_code
 
 import afx
-from afx.optim import precompiled
 from afx.optim.compiled import CPU_INDUCTOR_OPTIONS
 
 ADAM_LIKE = dict(apollo_rank=4, beta1=0.9, beta2=0.999, beta2_decay=None, relative_step=False,
@@ -42,7 +40,6 @@ CONFIGS = {
         scale_parameter=True, weight_decay=0.0),
 }
 SMALL_BLOCKS = dict(min_8bit_size=256, block_size=128, m_block_size=32)
-_ALLOC = re.compile(r"empty_strided_cpu\(\(([\d, ]*)\),")
 
 
 class ApolloNet(torch.nn.Module):
@@ -245,21 +242,16 @@ def test_apollo_seeds_are_parameter_positions_across_groups() -> None:
     assert not torch.equal(params[0], params[2])
 
 
-def test_compiled_step_keeps_no_parameter_sized_temporary(
-        monkeypatch: pytest.MonkeyPatch) -> None:
+def test_compiled_step_keeps_no_parameter_sized_temporary() -> None:
     """With ``skip_nonfinite`` (the default) APOLLO multiplies the gradient itself, not a
     NaN-free copy of it, and its bucket compiles with Inductor's own fusion threshold, so the
     scaled gradient S ⊙ G goes straight into the parameter update: Inductor's CPU code for
     the step allocates no parameter-sized buffer (it allocated one, 147 MiB on GPT-2's
     embedding). A NaN gradient then still leaves the parameter and its state untouched."""
-    monkeypatch.setenv(precompiled.ENV, "0")  # a loaded function would show no source
     param = torch.nn.Parameter(torch.randn(500, 384) * 0.02)
     param.grad = torch.randn(500, 384) * 1e-3
     opt = afx.Adafactor8Bit([param], apollo_rank=64)
-    with fresh_cache():
-        _, sources = run_and_get_code(opt.step)
-    sizes = [torch.Size(int(d) for d in dims.split(",") if d.strip()).numel()
-             for source in sources for dims in _ALLOC.findall(source)]
+    sizes = step_buffer_sizes(opt)
     assert sizes and max(sizes) < param.numel()
     before = param.detach().clone()
     state = {k: v.clone() for k, v in opt.state[param].items()}
