@@ -31,7 +31,7 @@ import torch
 
 from afx.codecs.base import Codec, Shape, blockwise_nbytes, check_block_size, from_blocks, to_blocks
 from afx.codecs.linear import AbsmaxEncoded, block_absmax
-from afx.codecs.packing import pack_nibbles, unpack_nibbles
+from afx.codecs.packing import pack_nibbles, read_bytes, unpack_nibbles
 
 Tensor = torch.Tensor
 
@@ -103,7 +103,7 @@ def _encode_dynamic(x: Tensor, block_size: int, *, bits: int) -> AbsmaxEncoded:
 
 
 def _decode_dynamic(encoded: AbsmaxEncoded, shape: Shape, *, bits: int) -> Tensor:
-    codes = unpack_nibbles(encoded.codes) if bits == 4 else encoded.codes
+    codes = unpack_nibbles(encoded.codes) if bits == 4 else read_bytes(encoded.codes)
     table = torch.tensor(_CODEBOOKS[bits], dtype=torch.float32, device=codes.device)
     return from_blocks(table[codes.to(torch.int64)] * encoded.absmax[:, None], shape)
 

@@ -33,7 +33,7 @@ from typing import NamedTuple
 import torch
 
 from afx.codecs.base import Codec, Shape, blockwise_nbytes, check_block_size, from_blocks, to_blocks
-from afx.codecs.packing import pack_nibbles, unpack_nibbles
+from afx.codecs.packing import pack_nibbles, read_bytes, unpack_nibbles
 
 Tensor = torch.Tensor
 
@@ -100,7 +100,7 @@ def _encode_uniform(x: Tensor, block_size: int, *, bits: int) -> AbsmaxEncoded:
 
 def _decode_uniform(encoded: AbsmaxEncoded, shape: Shape, *, bits: int) -> Tensor:
     half = 1 << (bits - 1)
-    codes = unpack_nibbles(encoded.codes) if bits == 4 else encoded.codes
+    codes = unpack_nibbles(encoded.codes) if bits == 4 else read_bytes(encoded.codes)
     step = encoded.absmax / float(half)
     return from_blocks((codes.to(torch.float32) - float(half)) * step[:, None], shape)
 
@@ -119,7 +119,7 @@ def _encode_symmetric(x: Tensor, block_size: int, *, bits: int) -> ScaledEncoded
 
 
 def _decode_symmetric(encoded: ScaledEncoded, shape: Shape, *, bits: int) -> Tensor:
-    codes = unpack_nibbles(encoded.codes) if bits == 4 else encoded.codes
+    codes = unpack_nibbles(encoded.codes) if bits == 4 else read_bytes(encoded.codes)
     levels = codes.to(torch.float32) - float(2 ** (bits - 1))
     return from_blocks(levels * encoded.scale[:, None], shape)
 

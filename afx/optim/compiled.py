@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from afx.base import GradientTransformation, Hyper
+from afx.codecs.packing import read_bytes
 from afx.numerics import all_finite
 from afx.optim import precompiled
 from afx.rounding import stochastic_round
@@ -59,9 +60,10 @@ def _keep_unless(finite: Tensor, new: Tensor, old: Tensor) -> Tensor:
     """``new`` where ``finite`` holds, else ``old``, for a state leaf of any dtype."""
     if not new.is_floating_point() and new.element_size() <= 2:
         # Inductor's C++ select between 8/16-bit vectors under a scalar mask runs a scalar
-        # loop per vector; selecting their float32 values is exact for codes of up to 16 bits
-        # and costs little next to the decode that already loads them.
-        return torch.where(finite, new.float(), old.float()).to(old.dtype)
+        # loop per vector; selecting their float32 values is exact for codes of up to 16 bits.
+        # The old codes are read through int64 words (read_bytes): as plain uint8 vectors
+        # their load stalls on every vector.
+        return torch.where(finite, new.float(), read_bytes(old).float()).to(old.dtype)
     return torch.where(finite, new, old)
 
 

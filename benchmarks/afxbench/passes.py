@@ -4,7 +4,9 @@ Inductor's CPU backend emits one ``kernel`` function per graph whose body is a s
 nests. A nest whose iteration space covers the whole parameter (at least ``numel`` iterations)
 is a *pass*; an access inside it is *full-size* when its index mentions every loop variable of
 the nest outside any integer division (a row factor indexed by the row only, a block's scale
-indexed by ``x // block``, or a scalar, is not). Summing the element sizes
+indexed by ``x // block``, or a scalar, is not), or divided by the pointer's own element size:
+an int64 word indexed by ``x // 8`` is eight 8-bit codes read at once (``afx.codecs.packing.
+read_bytes``), one byte per element. Summing the bytes per element
 of the full-size buffers a pass loads and stores gives the bytes it moves per parameter element,
 and the full-size buffers the wrapper allocates are the graph's materialised temporaries.
 
@@ -90,6 +92,24 @@ def _without_divisions(index: str) -> str:
     return index
 
 
+def _divided_by(index: str, variable: str) -> set[int]:
+    """The divisors ``d`` of every ``div_floor_integer(variable, d)`` in ``index``."""
+    pattern = (rf"div_floor_integer\(static_cast<int64_t>\({variable}\),\s*"
+               r"static_cast<int64_t>\((\d+)L\)\)")
+    return {int(d) for d in re.findall(pattern, index)}
+
+
+def _bytes_per_element(index: str, variables: list[str], size: int) -> int | None:
+    """Bytes per element an access with this index moves, or None if it is not full-size."""
+    plain = _without_divisions(index)
+    missing = [v for v in variables if not re.search(rf"\b{v}\b", plain)]
+    if not missing:
+        return size
+    if size > 1 and all(_divided_by(index, v) == {size} for v in missing):
+        return 1  # a word of `size` bytes per `size` elements
+    return None
+
+
 def _pointer_bytes(source: str) -> dict[str, int]:
     match = _SIGNATURE.search(source)
     if match is None:
@@ -118,25 +138,23 @@ def _analyse_nest(nest: str, sizes: dict[str, int], numel: int) -> Pass | None:
     if extent < numel:
         return None
     variables = [v for v, (lo, hi) in bounds.items() if hi - lo > 1]
-    loaded: set[str] = set()
-    stored: set[str] = set()
+    loaded: dict[str, int] = {}
+    stored: dict[str, int] = {}
     for m in _POINTER.finditer(nest):
         pointer = m.group(1)
         index = _balanced(nest, m.end())
-        if not all(re.search(rf"\b{v}\b", _without_divisions(index)) for v in variables):
+        moved = _bytes_per_element(index, variables, sizes.get(pointer, 4))
+        if moved is None:
             continue
         before = nest[max(0, m.start() - 12):m.start()]
         after = nest[m.end() + len(index):m.end() + len(index) + 24]
         is_store = ".store(" in before or (m.group(2) == "[" and re.match(r"\)\]\s*=[^=]", after))
-        (stored if is_store else loaded).add(pointer)
-    for pointer in list(loaded | stored):
+        (stored if is_store else loaded)[pointer] = moved
+    for pointer, moved in list({**loaded, **stored}.items()):
         if pointer.startswith("in_out_ptr"):
-            loaded.add(pointer)
-            stored.add(pointer)
-    return Pass(extent,
-                reads=sum(sizes.get(p, 4) for p in loaded),
-                writes=sum(sizes.get(p, 4) for p in stored),
-                code_loads=sum(1 for p in loaded if sizes.get(p, 4) == 1))
+            loaded[pointer] = stored[pointer] = moved
+    return Pass(extent, reads=sum(loaded.values()), writes=sum(stored.values()),
+                code_loads=sum(1 for moved in loaded.values() if moved == 1))
 
 
 def analyse(module_source: str, numel: int) -> KernelPasses:

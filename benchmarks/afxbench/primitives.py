@@ -55,6 +55,16 @@ def _fp32_update(shape):
     return _compile(lambda p, g: p.add_(g, alpha=-1e-3)), (p, g)
 
 
+def _fp32_fresh_output(shape):
+    import torch
+
+    x = torch.randn(shape)
+    # The result is a new tensor each call: Inductor allocates it, and an allocation this
+    # large is a fresh mapping whose pages the kernel faults in as it writes them. This is what
+    # every full-size temporary of a step costs on top of its traffic.
+    return _compile(lambda x: x * 2.0), (x,)
+
+
 def _code_read(shape):
     import torch
 
@@ -63,14 +73,29 @@ def _code_read(shape):
     return _compile(lambda c, out: out.copy_(((c.float() - 128.0) * 0.01).sum())), (codes, out)
 
 
+def _code_read_words(shape):
+    import torch
+
+    from afx.codecs.packing import read_bytes
+
+    codes = torch.randint(0, 256, shape, dtype=torch.uint8)
+    out = torch.zeros(())
+    return (_compile(lambda c, out: out.copy_(((read_bytes(c).float() - 128.0) * 0.01).sum())),
+            (codes, out))
+
+
 def _code_update_fixed_scale(shape):
     import torch
+
+    from afx.codecs.packing import read_bytes
 
     codes = torch.randint(0, 256, shape, dtype=torch.uint8)
     g = torch.randn(shape) * 0.01
 
     def update(c, g):
-        m = (c.float() - 128.0) * (1 / 128)
+        # Codes read the cheapest way Inductor's C++ allows (int64 words), so this stays a
+        # lower bound for afx's own 8-bit loops.
+        m = (read_bytes(c).float() - 128.0) * (1 / 128)
         m = m * 0.9 + g * 0.1
         c.copy_((m * 128.0).round().clamp(-128, 127).add(128).to(torch.uint8))
 
@@ -105,7 +130,11 @@ def _codec_update(codec_name: str, block: int, square: bool):
 PRIMITIVES = [
     Primitive("fp32_read", "sum of an fp32 tensor", 4, _fp32_read),
     Primitive("fp32_update", "p -= lr·g (fp32)", 12, _fp32_update),
+    Primitive("fp32_fresh_output", "y = 2·x into a newly allocated fp32 tensor", 8,
+              _fp32_fresh_output),
     Primitive("code_read", "sum of decoded 8-bit codes (fixed scale)", 1, _code_read),
+    Primitive("code_read_words", "the same sum, codes read as int64 words (afx's read_bytes)", 1,
+              _code_read_words),
     Primitive("code_update_fixed_scale",
               "8-bit state: decode, m = 0.9·m + 0.1·g, re-encode; fixed scale, no block stats",
               6, _code_update_fixed_scale),
