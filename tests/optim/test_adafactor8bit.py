@@ -333,3 +333,49 @@ def test_groups_differing_only_in_a_size_option_get_their_own_layouts() -> None:
     assert opt.state[params[1]]["elementwise.second_moment.v.codes"].shape[-1] == 256
     assert opt.state[params[2]]["apollo.low_rank.v"].shape == (2, 512)
     assert opt.state[params[3]]["apollo.low_rank.v"].shape == (4, 512)
+
+
+def test_only_large_factored_momentum_buckets_recompute_their_momentum() -> None:
+    """From 8M elements (a 32 MiB fp32 buffer, beyond what glibc serves from its heap), a
+    factored bucket with 8-bit momentum compiles with RECOMPUTE_MOMENTUM_OPTIONS; smaller
+    ones, CAME's (momentum under another name) and unquantized momentum keep afx's default."""
+    from afx.optim.adafactor8bit import RECOMPUTE_MOMENTUM_OPTIONS
+    from afx.optim.compiled import CPU_INDUCTOR_OPTIONS
+
+    opt = afx.Adafactor8Bit([torch.nn.Parameter(torch.zeros(4, 4))], compile=False)
+    keys = ("factored.second_moment.m.absmax", "factored.second_moment.m.codes",
+            "factored.second_moment.rms.v_row.codes")
+    big = 8 * 2**20
+    assert opt.cpu_inductor_options(keys, big) == RECOMPUTE_MOMENTUM_OPTIONS
+    assert opt.cpu_inductor_options(keys, big - 1) == CPU_INDUCTOR_OPTIONS
+    assert opt.cpu_inductor_options(("factored.momentum.m.codes",), big) == CPU_INDUCTOR_OPTIONS
+    assert opt.cpu_inductor_options(("factored.second_moment.m",), big) == CPU_INDUCTOR_OPTIONS
+
+
+def test_recomputed_momentum_stores_no_parameter_sized_buffer_and_matches() -> None:
+    """With RECOMPUTE_MOMENTUM_OPTIONS the compiled beta1 step allocates no buffer as large as
+    the parameter (afx's default stores the new fp32 momentum), and parameters and states
+    stay bitwise equal to the default compile's over three steps."""
+    from afx_testing import step_buffer_sizes
+
+    from afx.optim.adafactor8bit import RECOMPUTE_MOMENTUM_OPTIONS
+
+    def make() -> tuple[torch.nn.Parameter, list[torch.Tensor]]:
+        torch.manual_seed(0)
+        p = torch.nn.Parameter(torch.randn(512, 256) * 0.02)
+        return p, [torch.randn(512, 256) * 1e-3 for _ in range(3)]
+
+    (p1, grads), (p2, _) = make(), make()
+    recompute = afx.Adafactor8Bit(
+        [p1], beta1=0.9, compile={"options": dict(RECOMPUTE_MOMENTUM_OPTIONS)})
+    stored = afx.Adafactor8Bit([p2], beta1=0.9)
+    p1.grad = grads[0].clone()
+    assert max(step_buffer_sizes(recompute)) < p1.numel()
+    p2.grad = grads[0].clone()
+    stored.step()
+    for g in grads[1:]:
+        p1.grad, p2.grad = g.clone(), g.clone()
+        recompute.step()
+        stored.step()
+    assert torch.equal(p1, p2)
+    assert all(torch.equal(v, stored.state[p2][k]) for k, v in recompute.state[p1].items())

@@ -264,5 +264,5 @@ def test_compiled_step_keeps_no_parameter_sized_temporary() -> None:
 def test_only_apollo_buckets_use_inductors_default_fusion() -> None:
     """Adafactor8Bit's other routes keep afx's CPU Inductor options."""
     opt = afx.Adafactor8Bit([torch.nn.Parameter(torch.zeros(4, 4))], compile=False)
-    assert opt.cpu_inductor_options(("apollo.low_rank.v", "apollo.fira.prev_norm")) == {}
-    assert opt.cpu_inductor_options(("factored.second_moment.v_row",)) == CPU_INDUCTOR_OPTIONS
+    assert opt.cpu_inductor_options(("apollo.low_rank.v", "apollo.fira.prev_norm"), 16) == {}
+    assert opt.cpu_inductor_options(("factored.second_moment.v_row",), 16) == CPU_INDUCTOR_OPTIONS
