@@ -63,12 +63,13 @@ def read_bytes(codes: Tensor) -> Tensor:
     """The values of a uint8 tensor, read eight at a time when compiled for CPU.
 
     Inductor's C++ code loads the eight uint8 values of one float32 vector through a stack
-    buffer that it fills and then reloads whole, and the reload waits for the stores to retire:
-    about 1.3 ns per element on the machine of README's Performance section, more than the
-    rest of a decode. Reading the same bytes as int64 words costs one scalar load per vector;
-    shifting each word by 0, 8, ..., 56 bits and masking gives the eight values in order (on a
-    little-endian CPU). Elsewhere (eager mode, other devices, shapes the word view cannot
-    cover) the tensor is returned as it is.
+    buffer that it fills and then reloads whole, and the reload waits for the stores to retire
+    (``code_read`` against ``code_read_words`` in ``benchmarks/floor.py``: the stall costs more
+    than the rest of a decode). Reading the same bytes as int64 words costs one scalar load per
+    vector; shifting each word by 0, 8, ..., 56 bits and masking gives the eight values in
+    order (on a little-endian CPU). Elsewhere (eager mode, other devices, shapes the word view
+    cannot cover) the tensor is returned as it is. The word view needs the tensor's storage
+    offset to be a multiple of 8 bytes, as every state tensor afx allocates has.
 
     Args:
         codes: a uint8 tensor.

@@ -49,6 +49,7 @@ DEFAULTS: Mapping[str, Any] = MappingProxyType(dict(
 
 # s4/s8 are afx's symmetric codes (both extremes exact); the others are the package's.
 M_TYPES = ("uf4", "uf8", "d4", "d8", "fp32", "s4", "s8")
+V_TYPES = ("al8", "al16", "fp32")
 
 #: Inductor options on CPU for a factored bucket with 8-bit momentum of at least
 #: 8M elements (``Adafactor8Bit.cpu_inductor_options``): the momentum is computed in every loop
@@ -57,7 +58,6 @@ RECOMPUTE_MOMENTUM_OPTIONS = MappingProxyType({"realize_opcount_threshold": 100,
                                                "realize_reads_threshold": 16})
 _FRESH_MAPPING_NUMEL = 8 * 2**20  # fp32 elements in 32 MiB
 _FACTORED_MOMENTUM = "factored.second_moment.m.codes"
-V_TYPES = ("al8", "al16", "fp32")
 
 
 def _fail(option: str, value: Any, rule: str) -> None:

@@ -292,7 +292,8 @@ class Optimizer(torch.optim.Optimizer):
     def cpu_inductor_options(self, state_keys: tuple[str, ...],
                              numel: int) -> Mapping[str, Any]:
         """Inductor options of the compiled update of a CPU parameter of ``numel`` elements
-        whose state has ``state_keys`` (its ``self.state[p]`` keys, ``"step"`` aside).
+        (on this process, for a sharded one) whose state has ``state_keys`` (its
+        ``self.state[p]`` keys, ``"step"`` aside).
 
         The default is :data:`afx.optim.compiled.CPU_INDUCTOR_OPTIONS` for every bucket;
         prepackaged optimizers return other options for routes that measured faster with
@@ -574,8 +575,8 @@ class Optimizer(torch.optim.Optimizer):
                         f"bucket{len(self._buckets)}", self._compile, p.device.type,
                         functools.partial(precompiled.bucket_key, type(self), plan.bucket,
                                           device=p.device),
-                        cpu_options=self.cpu_inductor_options(plan.keys,
-                                                                     p.numel()))
+                        cpu_options=self.cpu_inductor_options(
+                            plan.keys, distributed.local(p).numel()))
                 skipped = None
                 if self._skip_nonfinite:
                     skipped = self._skipped.get(p.device)
