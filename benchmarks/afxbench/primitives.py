@@ -65,23 +65,19 @@ def _fp32_fresh_output(shape):
     return _compile(lambda x: x * 2.0), (x,)
 
 
-def _code_read(shape):
-    import torch
+def _code_read(words: bool):
+    def build(shape):
+        import torch
 
-    codes = torch.randint(0, 256, shape, dtype=torch.uint8)
-    out = torch.zeros(())
-    return _compile(lambda c, out: out.copy_(((c.float() - 128.0) * 0.01).sum())), (codes, out)
+        from afx.codecs.packing import read_bytes
 
+        read = read_bytes if words else (lambda c: c)
+        codes = torch.randint(0, 256, shape, dtype=torch.uint8)
+        out = torch.zeros(())
+        return (_compile(lambda c, out: out.copy_(((read(c).float() - 128.0) * 0.01).sum())),
+                (codes, out))
 
-def _code_read_words(shape):
-    import torch
-
-    from afx.codecs.packing import read_bytes
-
-    codes = torch.randint(0, 256, shape, dtype=torch.uint8)
-    out = torch.zeros(())
-    return (_compile(lambda c, out: out.copy_(((read_bytes(c).float() - 128.0) * 0.01).sum())),
-            (codes, out))
+    return build
 
 
 def _code_update_fixed_scale(shape):
@@ -132,9 +128,9 @@ PRIMITIVES = [
     Primitive("fp32_update", "p -= lr·g (fp32)", 12, _fp32_update),
     Primitive("fp32_fresh_output", "y = 2·x into a newly allocated fp32 tensor", 8,
               _fp32_fresh_output),
-    Primitive("code_read", "sum of decoded 8-bit codes (fixed scale)", 1, _code_read),
+    Primitive("code_read", "sum of decoded 8-bit codes (fixed scale)", 1, _code_read(False)),
     Primitive("code_read_words", "the same sum, codes read as int64 words (afx's read_bytes)", 1,
-              _code_read_words),
+              _code_read(True)),
     Primitive("code_update_fixed_scale",
               "8-bit state: decode, m = 0.9·m + 0.1·g, re-encode; fixed scale, no block stats",
               6, _code_update_fixed_scale),

@@ -1,6 +1,6 @@
 """afx.codecs.packing: nibble packing and the word-wise read of 8-bit codes.
 
-The compiled functions here have fixed shapes, so each compiles once however many examples
+The compiled read is traced once per input shape (two shapes), however many examples
 hypothesis draws.
 """
 
@@ -21,10 +21,7 @@ def _as_codes(values: list[int], shape: tuple[int, ...]) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.uint8).reshape(shape)
 
 
-_read_words = torch.compile(lambda c: read_bytes(c).to(torch.int32), fullgraph=True,
-                            dynamic=False)
-_read_odd = torch.compile(lambda c: read_bytes(c).to(torch.int32), fullgraph=True,
-                          dynamic=False)
+_read = torch.compile(lambda c: read_bytes(c).to(torch.int32), fullgraph=True, dynamic=False)
 
 
 @settings(max_examples=30, deadline=None)
@@ -34,7 +31,7 @@ def test_compiled_word_read_gives_every_byte_in_order(values: list[int]) -> None
     through int64 words) holds exactly the codes, element by element, including bytes ≥ 128
     in the top byte of a word (a negative int64)."""
     codes = _as_codes(values, (6, 16))
-    assert torch.equal(_read_words(codes), codes.to(torch.int32))
+    assert torch.equal(_read(codes), codes.to(torch.int32))
 
 
 @settings(max_examples=10, deadline=None)
@@ -43,7 +40,7 @@ def test_compiled_read_of_a_shape_words_cannot_cover_is_the_codes(values: list[i
     """95 bytes are not a whole number of int64 words: the compiled read falls back to the
     bytes themselves and still gives the codes."""
     codes = _as_codes(values[:95], (5, 19))
-    assert torch.equal(_read_odd(codes), codes.to(torch.int32))
+    assert torch.equal(_read(codes), codes.to(torch.int32))
 
 
 def test_eager_and_non_uint8_reads_return_the_tensor_itself() -> None:
