@@ -5,7 +5,8 @@ Each primitive is one ``torch.compile``'d function over a tensor of the embeddin
 what Inductor's C++ code costs for that loop on this machine. They bound any optimizer step
 built from the same loops with the same code generator: an 8-bit state can't be updated faster
 than ``code_update_fixed_scale``, a loop that decodes, updates and re-encodes it with no block
-statistic at all.
+statistic at all, and a state in a log-space code (``al8``) not faster than
+``log_code_update_fixed_range``, the same loop with the 2^y and log2 that code needs.
 """
 
 from __future__ import annotations
@@ -98,6 +99,27 @@ def _code_update_fixed_scale(shape):
     return _compile(update), (codes, g)
 
 
+def _log_code_update_fixed_range(shape):
+    import torch
+
+    from afx.codecs.packing import read_bytes
+
+    codes = torch.randint(1, 256, shape, dtype=torch.uint8)
+    g = torch.randn(shape) * 0.01
+    low, span = -40.0, 30.0  # one log2 range for every element: no block statistic
+
+    def update(c, g):
+        # What any update of a log-space code (al8's format) computes per element: 2^y to
+        # decode and log2 to encode. Codes read as words, products instead of al8's exact
+        # divisions, no zero code: cheaper than afx's codec, so a lower bound for it.
+        v = torch.pow(2.0, (read_bytes(c).float() - 1.0) * (span / 254.0) + low)
+        v = v * 0.999 + g * g * 0.001
+        q = ((torch.log2(v) - low) * (254.0 / span)).round().clamp(0, 254) + 1.0
+        c.copy_(q.to(torch.uint8))
+
+    return _compile(update), (codes, g)
+
+
 def _codec_update(codec_name: str, block: int, square: bool):
     def build(shape):
         import math
@@ -134,6 +156,9 @@ PRIMITIVES = [
     Primitive("code_update_fixed_scale",
               "8-bit state: decode, m = 0.9·m + 0.1·g, re-encode; fixed scale, no block stats",
               6, _code_update_fixed_scale),
+    Primitive("log_code_update_fixed_range",
+              "8-bit log-space state (al8's code): decode by 2^y, v = 0.999·v + 0.001·g², "
+              "re-encode by log2; fixed range, no block stats", 6, _log_code_update_fixed_range),
     Primitive("uf8_update", "afx's uf8 codec (block 256, one block per row): decode, lerp "
               "with g, encode", 6, _codec_update("uf8", 256, square=False)),
     Primitive("al8_update", "afx's al8 codec (block 2048, one block per row): decode, lerp "
