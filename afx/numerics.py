@@ -10,6 +10,8 @@ exactly its single-process expression.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from afx import sharding as _sharding
@@ -148,11 +150,17 @@ def all_finite(x: Tensor, *, sharded: bool = True) -> Tensor:
         >>> all_finite(torch.tensor([1.0, float("nan")]))
         tensor(False)
     """
+    if x.numel() == 0:  # an empty shard holds nothing non-finite
+        finite = torch.ones((), dtype=torch.bool, device=x.device)
+    else:
+        # The largest magnitude is finite exactly when every element is (amax keeps a NaN).
+        # Row by row first, so the loop fuses with the row sums of g² that read x too; in
+        # Inductor's C++ a float maximum costs a fraction of isfinite().all(), whose boolean
+        # reduction converts every vector of masks to int64 and back.
+        finite = x.abs().amax(dim=-1).amax() < math.inf
     if not _is_sharded(sharded):
-        # Row by row first: the loop then fuses with the row sums of g² that read x too.
-        return torch.isfinite(x).all(dim=-1).all()
-    bad = torch.logical_not(torch.isfinite(x)).sum(dim=-1).sum()
-    return _sharding.all_reduce(bad) == 0
+        return finite
+    return _sharding.all_reduce(torch.logical_not(finite).to(torch.int32)) == 0
 
 
 def rms(x: Tensor, *, sharded: bool = True) -> Tensor:
