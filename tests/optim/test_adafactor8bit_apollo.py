@@ -65,7 +65,8 @@ def share_projection(ref: torch.nn.Module, opt_ref: Package, ours: torch.nn.Modu
     """One zero-gradient step in both, then the package's projections into afx's state."""
     for model, o in ((ref, opt_ref), (ours, opt)):
         for p in model.parameters():
-            p.grad = torch.zeros_like(p)
+            if p.requires_grad:
+                p.grad = torch.zeros_like(p)
         o.step()
     for p, q in zip(ref.parameters(), ours.parameters()):
         if opt_ref.state[p].get("apollo_proj_matrix_T") is not None:
@@ -73,9 +74,15 @@ def share_projection(ref: torch.nn.Module, opt_ref: Package, ours: torch.nn.Modu
             opt.state[q][key].copy_(opt_ref.state[p]["apollo_proj_matrix_T"])
 
 
-def run_both(options: dict, steps: int = 100, compile: bool = False):
+def run_both(options: dict, steps: int = 100, compile: bool = False,
+             trained: tuple[str, ...] = ("w1", "b1", "w2", "k")):
+    """Trains ``trained`` (the others stay frozen) in both; returns the final losses and the
+    largest relative parameter difference over the steps."""
     options = dict(options, apollo_cache_proj=True, apollo_update_proj_gap=1000)
     ref, ours = ApolloNet(), ApolloNet()
+    for model in (ref, ours):
+        for name, p in model.named_parameters():
+            p.requires_grad_(name in trained)
     opt_ref = Package(ref.parameters(), use_cuda_kernel=False, **options)
     opt = afx.Adafactor8Bit(ours.parameters(), compile=compile, **options)
     share_projection(ref, opt_ref, ours, opt)
@@ -112,9 +119,12 @@ def test_quantized_parity_for_100_steps(name: str) -> None:
 
 
 def test_compiled_parity() -> None:
-    """The compiled APOLLO chain (8-bit states) matches the package like the eager one."""
+    """The compiled APOLLO chain (8-bit states) matches the package like the eager one, on
+    both sides of the projection: w1 (48x40, ``L = G P``) and the 3-D kernel (viewed 16x24,
+    ``L = Pᵀ G``). The bias (not projected) and w2 (projected like the kernel) stay frozen:
+    each compiled bucket costs ~20 s here."""
     loss_ref, loss, worst = run_both(dict(ADAM_LIKE, beta3=0.999, d=1.0, **SMALL_BLOCKS),
-                                     steps=30, compile=True)
+                                     steps=30, compile=True, trained=("w1", "k"))
     assert abs(loss - loss_ref) <= 0.01 * loss_ref
     assert worst <= 1e-2
 
