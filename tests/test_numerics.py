@@ -1,17 +1,19 @@
-"""afx.numerics: the finiteness test of skip_nonfinite.
+"""afx.numerics: the finiteness test of skip_nonfinite and the column mean of a tall matrix.
 
-The compiled test is traced once (one shape), however many examples hypothesis draws.
+Each compiled test is traced once (one shape), however many examples hypothesis draws.
 """
 
 from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from torch._inductor.utils import fresh_cache, run_and_get_code
 
-from afx.numerics import all_finite
+from afx.numerics import all_finite, full_mean
 
 _SPECIAL = st.sampled_from([math.nan, math.inf, -math.inf, 3.0e38, -3.0e38, 0.0, -0.0, 1e-45])
 _VALUES = st.lists(st.one_of(st.floats(-1e3, 1e3, width=32), _SPECIAL), min_size=24,
@@ -36,3 +38,29 @@ def test_empty_and_zero_dimensional_tensors() -> None:
     value."""
     assert bool(all_finite(torch.zeros(0, 5)))
     assert bool(all_finite(torch.tensor(2.0))) and not bool(all_finite(torch.tensor(math.nan)))
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 3), st.integers(1, 80), st.integers(1, 9), st.booleans())
+def test_column_mean_is_the_mean_over_rows(batch: int, rows: int, cols: int,
+                                           cheap: bool) -> None:
+    """full_mean(x, -2) is x.mean(-2) for any row count (below, at and between multiples of
+    the 16-row groups) and leading batch dims, whether the leftover rows are padded or
+    summed apart."""
+    x = torch.randn(batch, rows, cols, generator=torch.Generator().manual_seed(rows))
+    torch.testing.assert_close(full_mean(x, -2, cheap=cheap), x.mean(-2), rtol=1e-6,
+                               atol=1e-6)
+
+
+@pytest.mark.parametrize("cheap", [False, True])
+def test_cheap_column_mean_compiles_without_masked_loads(cheap: bool) -> None:
+    """On 45 rows (two groups of 16 and 13 left over), compiled: a cheap x sums the leftover
+    rows in a loop of their own, so the grouped loop loads plain vectors (padding them puts a
+    masked load on every element); both give x.mean(-2)."""
+    x = torch.randn(45, 24)
+    f = torch.compile(lambda g: full_mean(g * g + 1e-30, -2, cheap=cheap), fullgraph=True,
+                      dynamic=False)
+    with fresh_cache():  # a cache hit would return no source
+        out, (source,) = run_and_get_code(f, x)
+    torch.testing.assert_close(out, (x * x + 1e-30).mean(-2))
+    assert ("VecMask<float,1>::from" in source) is not cheap

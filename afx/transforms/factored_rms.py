@@ -143,7 +143,7 @@ def scale_by_factored_rms(
         correction = hoisted(1.0 - (1.0 - weight) ** t) if bias_correction else None
         if isinstance(state, FactoredRmsState):
             v_row = torch.lerp(state.v_row, full_mean(sq, -1), weight)
-            v_col = torch.lerp(state.v_col, full_mean(sq, -2), weight)
+            v_col = torch.lerp(state.v_col, full_mean(sq, -2, cheap=True), weight)
             col = v_col if correction is None else v_col / correction
             return factored_rsqrt(v_row, col, e1), FactoredRmsState(v_row, v_col)
         v = torch.lerp(state.v, sq, weight)
