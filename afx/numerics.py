@@ -85,7 +85,8 @@ def full_mean(x: Tensor, dim: int, *, sharded: bool = True, cheap: bool = False)
         cheap: ``x`` is a few element-wise operations on stored tensors (such as
             ``g² + eps``), which a compiled graph can evaluate in two loops without storing
             it: a mean over the rows then sums leftover rows in a loop of their own (see
-            :func:`_sum_down_columns`). The result is the same either way.
+            :func:`_sum_down_columns`). Either way it is the mean; only the order of
+            the additions differs.
 
     Returns:
         The mean, float32 for a float32 ``x``.
