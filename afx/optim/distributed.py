@@ -18,6 +18,7 @@ Which is which is found from the shapes ``init`` gives a shard and a shard one r
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, NamedTuple
 
@@ -28,6 +29,7 @@ from afx import sharding as _sharding
 Tensor = torch.Tensor
 
 
+@functools.cache  # called for every tensor of every bucket call: import once
 def _dtensor_type() -> type | None:
     if not torch.distributed.is_available():
         return None
