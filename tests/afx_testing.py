@@ -63,16 +63,23 @@ def replicas(n: int, dtype: torch.dtype = torch.float32) -> list[Tiny]:
     return [copy.deepcopy(base) for _ in range(n)]
 
 
-_ALLOC = re.compile(r"empty_strided_cpu\(\(([\d, ]*)\),")
+_ALLOC = re.compile(r"empty_strided_cpu\(\(([\d, ]*)\), \([\d, ]*\), torch\.(\w+)\)")
 
 
-def step_buffer_sizes(opt: torch.optim.Optimizer) -> list[int]:
-    """Runs ``opt.step()`` compiled from a fresh Inductor cache (precompiled functions off: a
-    loaded one shows no source) and returns the element count of every CPU buffer Inductor's
-    generated code allocates."""
+def buffer_sizes(fn: Callable, *args: object, dtype: torch.dtype | None = None) -> list[int]:
+    """Runs ``fn(*args)`` (which compiles) from a fresh Inductor cache and returns the element
+    count of every CPU buffer (of ``dtype``, if given) Inductor's generated code allocates."""
+    with fresh_cache():
+        _, sources = run_and_get_code(fn, *args)
+    return [torch.Size(int(d) for d in dims.split(",") if d.strip()).numel()
+            for source in sources for dims, kind in _ALLOC.findall(source)
+            if dtype is None or getattr(torch, kind) == dtype]
+
+
+def step_buffer_sizes(opt: torch.optim.Optimizer, dtype: torch.dtype | None = None) -> list[int]:
+    """:func:`buffer_sizes` of ``opt.step()``, with precompiled functions off (a loaded one
+    shows no source)."""
     from afx.optim import precompiled
 
-    with mock.patch.dict(os.environ, {precompiled.ENV: "0"}), fresh_cache():
-        _, sources = run_and_get_code(opt.step)
-    return [torch.Size(int(d) for d in dims.split(",") if d.strip()).numel()
-            for source in sources for dims in _ALLOC.findall(source)]
+    with mock.patch.dict(os.environ, {precompiled.ENV: "0"}):
+        return buffer_sizes(opt.step, dtype=dtype)

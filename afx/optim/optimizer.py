@@ -121,17 +121,20 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float, Tensor)) and not isinstance(value, bool)
 
 
-def static_config(group: Mapping[str, Any], structural: Iterable[str] = ()) -> tuple:
+def static_config(group: Mapping[str, Any], structural: Iterable[str] = (),
+                  off_at_zero: Iterable[str] = ()) -> tuple:
     """The part of a param group that shapes the graph: all but numbers and names.
 
     A number is dynamic (whether it is ``None`` is static: ``beta1=None`` means no momentum),
-    except the options named in ``structural``, which shape the state (block sizes, ranks).
+    except the options named in ``structural``, which shape the state (block sizes, ranks);
+    for those named in ``off_at_zero``, whether they are zero is static.
     """
     structural = frozenset(structural)
+    off_at_zero = frozenset(off_at_zero)
 
     def freeze(value: Any, key: str | None = None) -> Any:
         if _is_number(value) and key not in structural:
-            return "<number>"
+            return "<zero>" if key in off_at_zero and bool(value == 0) else "<number>"
         if isinstance(value, (tuple, list)):
             return tuple(freeze(v) for v in value)
         try:
@@ -231,6 +234,10 @@ class Optimizer(torch.optim.Optimizer):
     #: numeric options the transformation is built from (sizes, ranks): a change rebuilds it,
     #: and groups that differ in one get separate transformations.
     structural_options: tuple[str, ...] = ()
+    #: numeric options whose value zero switches a part of the transformation off: whether
+    #: each is zero is static (a group at zero gets a transformation without that part, and
+    #: changing it to or from zero rebuilds it); other values stay dynamic.
+    off_at_zero_options: tuple[str, ...] = ()
     #: whether this class's compiled buckets go to afx's on-disk cache
     #: (:mod:`afx.optim.precompiled`). Read from the class itself, never inherited: only a
     #: class whose chain is a function of afx's source and its static options may set it.
@@ -329,7 +336,7 @@ class Optimizer(torch.optim.Optimizer):
         return group
 
     def _transformation(self, group: Mapping[str, Any]) -> tuple[tuple, GradientTransformation]:
-        static = static_config(group, self.structural_options)
+        static = static_config(group, self.structural_options, self.off_at_zero_options)
         tx = self._txs.get(static)
         if tx is None:
             tx = self._txs[static] = count_steps(self._factory(group))

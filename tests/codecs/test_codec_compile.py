@@ -17,6 +17,7 @@ statistics a few ulps off), and reports how many values matched exactly.
 from __future__ import annotations
 
 import torch
+from afx_testing import buffer_sizes
 
 from afx.codecs import CODECS, get_codec
 from afx.codecs.base import to_blocks
@@ -67,3 +68,32 @@ def test_compiled_roundtrip_of_every_codec_matches_eager() -> None:
                                    rtol=2.0**-21, atol=0.0)
         exact_decoded[name] = (dec_c == dec_e).sum().item()
     print(f"log codecs, decoded values equal bitwise out of {x.numel()}: {exact_decoded}")
+
+
+def _neighbours(stride: int) -> torch.Tensor:
+    """Pairs of adjacent positive floats, one pair every ``stride`` bit patterns from the
+    smallest subnormal to the largest finite float: shape ``(n, 2)``."""
+    bits = torch.arange(1, 0x7F7FFFFF, stride, dtype=torch.int32)
+    return torch.stack([bits, bits + 1], dim=1).view(torch.float32)
+
+
+def test_log2_never_decreases_from_a_float_to_the_next_eager_or_compiled() -> None:
+    """float32 log2 is monotone, eager and compiled, on 2.1M pairs of adjacent floats spread
+    over every binade: the log code encoders rely on it when they take a block's statistics
+    as log2 of its extreme value instead of the extreme of its logarithms."""
+    pairs = _neighbours(1009)
+    for log2 in (torch.log2, torch.compile(torch.log2, fullgraph=True, dynamic=False)):
+        y = log2(pairs)
+        assert bool((y[:, 1] >= y[:, 0]).all())
+
+
+def test_compiled_log_encoders_store_no_float32_logarithm_of_the_state() -> None:
+    """Compiled, al8's block statistics are log2 of each block's extremes (log8's too, by the
+    same helper), so the logarithms have one reader (the codes) and Inductor allocates no
+    float32 buffer of the state's size; taken as the extremes of the logarithms, they were
+    stored whole first."""
+    x = torch.rand(64, 2048) + 0.5
+    x[3, :7] = 0.0
+    encode = torch.compile(get_codec("al8").encode, fullgraph=True, dynamic=False)
+    sizes = buffer_sizes(encode, x, 2048, dtype=torch.float32)
+    assert max(sizes) < x.numel(), sizes

@@ -379,3 +379,68 @@ def test_recomputed_momentum_stores_no_parameter_sized_buffer_and_matches() -> N
         stored.step()
     assert torch.equal(p1, p2)
     assert all(torch.equal(v, stored.state[p2][k]) for k, v in recompute.state[p1].items())
+
+
+def test_zero_d_is_static_and_leaves_the_clip_out() -> None:
+    """Whether d is zero is part of a group's static options: a d = 0 group's chain has no
+    clip (no clip_threshold hyperparameter to mirror), other values share one chain with a
+    dynamic d, and moving d to 0 mid-run keeps the state and matches a run started at 0."""
+    params = [torch.nn.Parameter(torch.randn(8, 6)) for _ in range(3)]
+    opt = afx.Adafactor8Bit([{"params": [params[0]], "d": 0.0}, {"params": [params[1]], "d": 1.0},
+                             {"params": [params[2]], "d": 0.5}], compile=False)
+    (s0, t0), (s1, t1), (s2, t2) = (opt._transformation(g) for g in opt.param_groups)
+    assert s0 != s1 and t0 is not t1 and (s1, t1) == (s2, t2)
+    assert "clip_threshold" not in t0.hyperparams and "clip_threshold" in t1.hyperparams
+
+    def run(d_first: float) -> tuple[torch.Tensor, afx.Adafactor8Bit]:
+        torch.manual_seed(0)
+        p = torch.nn.Parameter(torch.randn(64, 96))
+        o = afx.Adafactor8Bit([p], compile=False, **dict(ADAMW, d=d_first))
+        for step in range(4):
+            if step == 2:
+                o.param_groups[0]["d"] = 0.0
+            p.grad = torch.randn(64, 96)
+            o.step()
+        return p, o
+
+    (p_moved, moved), (p_zero, zero) = run(1e9), run(0.0)  # d = 1e9 never clips these updates
+    assert torch.equal(p_moved, p_zero)
+    assert all(torch.equal(v, zero.state[p_zero][k]) for k, v in moved.state[p_moved].items())
+
+
+def test_large_elementwise_moment_buckets_store_only_the_second_moment() -> None:
+    """From 8M elements an element-wise bucket with 8-bit first and second moments (the
+    AdamW-like preset) compiles with ELEMENTWISE_MOMENTS_OPTIONS, under which the compiled
+    step allocates one parameter-sized float32 buffer (the new second moment; afx's default
+    options store the new first moment too) and trains like eager."""
+    from afx_testing import step_buffer_sizes
+
+    from afx.optim.adafactor8bit import ELEMENTWISE_MOMENTS_OPTIONS
+    from afx.optim.compiled import CPU_INDUCTOR_OPTIONS
+
+    probe = afx.Adafactor8Bit([torch.nn.Parameter(torch.zeros(4, 4))], compile=False)
+    keys = ("elementwise.second_moment.rms.v.codes", "elementwise.second_moment.rms.v.scale",
+            "elementwise.second_moment.m.codes", "elementwise.second_moment.m.absmax")
+    big = 8 * 2**20
+    assert probe.cpu_inductor_options(keys, big) == ELEMENTWISE_MOMENTS_OPTIONS
+    assert probe.cpu_inductor_options(keys, big - 1) == CPU_INDUCTOR_OPTIONS
+    assert probe.cpu_inductor_options(keys[:2], big) == CPU_INDUCTOR_OPTIONS
+
+    torch.manual_seed(0)
+    shape = (512, 256)
+    start = torch.randn(shape) * 0.02
+    p1, p2 = torch.nn.Parameter(start.clone()), torch.nn.Parameter(start.clone())
+    grads = [torch.randn(shape) * 1e-3 for _ in range(3)]
+    compiled = afx.Adafactor8Bit([p1], compile={"options": dict(ELEMENTWISE_MOMENTS_OPTIONS)},
+                                 **ADAMW)
+    eager = afx.Adafactor8Bit([p2], compile=False, **ADAMW)
+    p1.grad = grads[0].clone()
+    sizes = step_buffer_sizes(compiled, dtype=torch.float32)
+    assert sum(n >= p1.numel() for n in sizes) == 1, sizes
+    p2.grad = grads[0].clone()
+    eager.step()
+    for g in grads[1:]:
+        p1.grad, p2.grad = g.clone(), g.clone()
+        compiled.step()
+        eager.step()
+    torch.testing.assert_close(p1, p2, rtol=0, atol=1e-6)
