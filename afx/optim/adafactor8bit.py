@@ -10,7 +10,7 @@ from typing import Any
 from afx.base import NON_NEGATIVE, GradientTransformation, hyper_value, hyperparams
 from afx.codecs import get_codec
 from afx.combine import named_chain, partition
-from afx.optim.optimizer import Optimizer
+from afx.optim.optimizer import Optimizer, is_off
 from afx.optim.package_checkpoint import apollo_v_floor, from_package, is_package_state_dict
 from afx.transforms import (
     StepSize,
@@ -221,7 +221,7 @@ def adafactor8bit(group: Mapping[str, Any], *, finite_grads: bool = False
     # d = 0 is static (off_at_zero_options): the chain then has no clip. Its norm of the
     # update, a reduction over the whole parameter, makes a compiled step keep the update
     # for the loop after it (a float32 copy of the parameter) even when it scales by one.
-    clip = [] if group["d"] == 0 else [("clip", clip_by_rms(group["d"]))]
+    clip = [] if is_off(group["d"]) else [("clip", clip_by_rms(group["d"]))]
 
     def route(second_moment: GradientTransformation | None,
               momentum_after_clip: GradientTransformation | None,

@@ -121,6 +121,25 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float, Tensor)) and not isinstance(value, bool)
 
 
+def is_off(value: Any) -> bool:
+    """Whether an option of :attr:`Optimizer.off_at_zero_options` switches its part off.
+
+    Args:
+        value: the option's value in a param group.
+
+    Returns:
+        ``True`` for a Python number equal to zero. A tensor is never off: it stays dynamic,
+        so deciding never reads it (no device synchronisation).
+
+    Example:
+        >>> import torch
+        >>> from afx.optim.optimizer import is_off
+        >>> is_off(0), is_off(0.0), is_off(1.0), is_off(torch.tensor(0.0)), is_off(False)
+        (True, True, False, False, False)
+    """
+    return _is_number(value) and not isinstance(value, Tensor) and value == 0
+
+
 def static_config(group: Mapping[str, Any], structural: Iterable[str] = (),
                   off_at_zero: Iterable[str] = ()) -> tuple:
     """The part of a param group that shapes the graph: all but numbers and names.
@@ -134,7 +153,7 @@ def static_config(group: Mapping[str, Any], structural: Iterable[str] = (),
 
     def freeze(value: Any, key: str | None = None) -> Any:
         if _is_number(value) and key not in structural:
-            return "<zero>" if key in off_at_zero and bool(value == 0) else "<number>"
+            return "<zero>" if key in off_at_zero and is_off(value) else "<number>"
         if isinstance(value, (tuple, list)):
             return tuple(freeze(v) for v in value)
         try:

@@ -383,13 +383,15 @@ def test_recomputed_momentum_stores_no_parameter_sized_buffer_and_matches() -> N
 
 def test_zero_d_is_static_and_leaves_the_clip_out() -> None:
     """Whether d is zero is part of a group's static options: a d = 0 group's chain has no
-    clip (no clip_threshold hyperparameter to mirror), other values share one chain with a
-    dynamic d, and moving d to 0 mid-run keeps the state and matches a run started at 0."""
-    params = [torch.nn.Parameter(torch.randn(8, 6)) for _ in range(3)]
+    clip (no clip_threshold hyperparameter to mirror), other values (a tensor, even a zero
+    one, is never read to decide) share one chain with a dynamic d, and moving d to 0 mid-run
+    keeps the state and matches a run started at 0."""
+    params = [torch.nn.Parameter(torch.randn(8, 6)) for _ in range(4)]
     opt = afx.Adafactor8Bit([{"params": [params[0]], "d": 0.0}, {"params": [params[1]], "d": 1.0},
-                             {"params": [params[2]], "d": 0.5}], compile=False)
-    (s0, t0), (s1, t1), (s2, t2) = (opt._transformation(g) for g in opt.param_groups)
-    assert s0 != s1 and t0 is not t1 and (s1, t1) == (s2, t2)
+                             {"params": [params[2]], "d": 0.5},
+                             {"params": [params[3]], "d": torch.tensor(0.0)}], compile=False)
+    (s0, t0), (s1, t1), (s2, t2), (s3, t3) = (opt._transformation(g) for g in opt.param_groups)
+    assert s0 != s1 and t0 is not t1 and (s1, t1) == (s2, t2) == (s3, t3)
     assert "clip_threshold" not in t0.hyperparams and "clip_threshold" in t1.hyperparams
 
     def run(d_first: float) -> tuple[torch.Tensor, afx.Adafactor8Bit]:
