@@ -420,9 +420,10 @@ class Adafactor8Bit(Optimizer):
         # stored.
         if numel >= _FRESH_MAPPING_NUMEL and _FACTORED_MOMENTUM in state_keys:
             return RECOMPUTE_MOMENTUM_OPTIONS
-        # The AdamW-like route on GPT-2's embedding (in-process A/B, one thread): 1,012 ms and
-        # 295 MiB of temporaries with afx's CPU options, 885 ms and 147 MiB with these, same
-        # results. On a 768×3072 matrix (heap-served buffers) the default is faster (33 vs 39 ms).
+        # The AdamW-like route on GPT-2's embedding (in-process A/B runs, one thread): about
+        # 1,070 ms and 294 MiB of temporaries with afx's CPU options, 885 ms and 147 MiB with
+        # these, same results. On a 768×3072 matrix (heap-served buffers) afx's are faster
+        # (33 vs 39 ms).
         if numel >= _FRESH_MAPPING_NUMEL and all(k in state_keys for k in _ELEMENTWISE_MOMENTS):
             return ELEMENTWISE_MOMENTS_OPTIONS
         return super().cpu_inductor_options(state_keys, numel)
