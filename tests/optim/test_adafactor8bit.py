@@ -8,6 +8,7 @@ import numbers
 import pytest
 import torch
 from adafactor8bit import Adafactor8Bit as Package
+from afx_testing import step_buffer_sizes
 
 import afx
 
@@ -352,12 +353,27 @@ def test_only_large_factored_momentum_buckets_recompute_their_momentum() -> None
     assert opt.cpu_inductor_options(("factored.second_moment.m",), big) == CPU_INDUCTOR_OPTIONS
 
 
+def _probe_then_lockstep(probed: afx.Adafactor8Bit, p1: torch.nn.Parameter,
+                         other: afx.Adafactor8Bit, p2: torch.nn.Parameter,
+                         grads: list[torch.Tensor], dtype: torch.dtype | None = None
+                         ) -> list[int]:
+    """Steps ``probed`` (on ``p1``) and ``other`` (on ``p2``) through ``grads`` side by side;
+    returns the sizes of the buffers ``probed``'s first, compiled, step allocates."""
+    p1.grad = grads[0].clone()
+    sizes = step_buffer_sizes(probed, dtype=dtype)
+    p2.grad = grads[0].clone()
+    other.step()
+    for g in grads[1:]:
+        p1.grad, p2.grad = g.clone(), g.clone()
+        probed.step()
+        other.step()
+    return sizes
+
+
 def test_recomputed_momentum_stores_no_parameter_sized_buffer_and_matches() -> None:
     """With RECOMPUTE_MOMENTUM_OPTIONS the compiled beta1 step allocates no buffer as large as
     the parameter (afx's default stores the new fp32 momentum), and parameters and states
     stay bitwise equal to the default compile's over three steps."""
-    from afx_testing import step_buffer_sizes
-
     from afx.optim.adafactor8bit import RECOMPUTE_MOMENTUM_OPTIONS
 
     def make() -> tuple[torch.nn.Parameter, list[torch.Tensor]]:
@@ -369,14 +385,7 @@ def test_recomputed_momentum_stores_no_parameter_sized_buffer_and_matches() -> N
     recompute = afx.Adafactor8Bit(
         [p1], beta1=0.9, compile={"options": dict(RECOMPUTE_MOMENTUM_OPTIONS)})
     stored = afx.Adafactor8Bit([p2], beta1=0.9)
-    p1.grad = grads[0].clone()
-    assert max(step_buffer_sizes(recompute)) < p1.numel()
-    p2.grad = grads[0].clone()
-    stored.step()
-    for g in grads[1:]:
-        p1.grad, p2.grad = g.clone(), g.clone()
-        recompute.step()
-        stored.step()
+    assert max(_probe_then_lockstep(recompute, p1, stored, p2, grads)) < p1.numel()
     assert torch.equal(p1, p2)
     assert all(torch.equal(v, stored.state[p2][k]) for k, v in recompute.state[p1].items())
 
@@ -415,8 +424,6 @@ def test_large_elementwise_moment_buckets_store_only_the_second_moment() -> None
     AdamW-like preset) compiles with ELEMENTWISE_MOMENTS_OPTIONS, under which the compiled
     step allocates one parameter-sized float32 buffer (the new second moment; afx's default
     options store the new first moment too) and trains like eager."""
-    from afx_testing import step_buffer_sizes
-
     from afx.optim.adafactor8bit import ELEMENTWISE_MOMENTS_OPTIONS
     from afx.optim.compiled import CPU_INDUCTOR_OPTIONS
 
@@ -436,13 +443,6 @@ def test_large_elementwise_moment_buckets_store_only_the_second_moment() -> None
     compiled = afx.Adafactor8Bit([p1], compile={"options": dict(ELEMENTWISE_MOMENTS_OPTIONS)},
                                  **ADAMW)
     eager = afx.Adafactor8Bit([p2], compile=False, **ADAMW)
-    p1.grad = grads[0].clone()
-    sizes = step_buffer_sizes(compiled, dtype=torch.float32)
+    sizes = _probe_then_lockstep(compiled, p1, eager, p2, grads, dtype=torch.float32)
     assert sum(n >= p1.numel() for n in sizes) == 1, sizes
-    p2.grad = grads[0].clone()
-    eager.step()
-    for g in grads[1:]:
-        p1.grad, p2.grad = g.clone(), g.clone()
-        compiled.step()
-        eager.step()
     torch.testing.assert_close(p1, p2, rtol=0, atol=1e-6)
