@@ -6,9 +6,10 @@ the following odd element to the low nibble. Keeping that layout means a packed 
 compared with, or migrated from, the package byte for byte.
 
 The uniform and dynamic decoders (``uf``, ``s``, ``d`` codes, 8- and 4-bit) read their uint8
-codes through :func:`read_bytes`, which changes how a compiled CPU loop loads them, not what they
-hold. The log-space decoders do not: their decode is dominated by 2^y, and the extra operations
-made Inductor store three more decoded fp32 tensors in the AdamW-like preset's graph.
+codes through :func:`read_bytes`, which changes how a compiled CPU loop loads them (where
+Inductor vectorises with AVX2), not what they hold. The log-space decoders do not: their decode
+is dominated by 2^y, and the extra operations made Inductor store three more decoded fp32
+tensors in the AdamW-like preset's graph.
 """
 
 from __future__ import annotations
@@ -59,17 +60,68 @@ def unpack_nibbles(packed: Tensor) -> Tensor:
     return pairs.flatten(-2)
 
 
-def read_bytes(codes: Tensor) -> Tensor:
-    """The values of a uint8 tensor, read eight at a time when compiled for CPU.
+@torch.compiler.assume_constant_result
+def words_are_faster() -> bool:
+    """Whether Inductor's C++ code for this CPU loads uint8 vectors slower than int64 words.
 
-    Inductor's C++ code loads the eight uint8 values of one float32 vector through a stack
-    buffer that it fills and then reloads whole, and the reload waits for the stores to retire
-    (``code_read`` against ``code_read_words`` in ``benchmarks/floor.py``: the stall costs more
-    than the rest of a decode). Reading the same bytes as int64 words costs one scalar load per
-    vector; shifting each word by 0, 8, ..., 56 bits and masking gives the eight values in
-    order (on a little-endian CPU). Elsewhere (eager mode, other devices, shapes the word view
-    cannot cover) the tensor is returned as it is. The word view needs the tensor's storage
-    offset to be a multiple of 8 bytes, as every state tensor afx allocates has.
+    It does where Inductor vectorises with AVX2, which has no byte-masked load: the uint8 values
+    of one float32 vector (8 bytes of a 32-byte register) go through a stack buffer that is
+    filled and then reloaded whole, and the reload waits for the stores to retire. With AVX-512
+    the same partial load is one masked instruction, and reading words is the slow way (one
+    scalar load and a shift per value). ``benchmarks/floor.py``'s ``code_read`` and
+    ``code_read_words`` measure both; one Intel Xeon, one thread, 50257×768 codes, ns per code
+    read (a /tmp script calling ``afxbench.primitives``, Inductor's ``cpp.simdlen`` set to 256 and
+    512): AVX2 1.18 plain vs 0.61 words, AVX-512 0.18 plain vs 1.13 words. Other vector ISAs
+    (NEON, SVE, VSX) are not measured and read plain bytes.
+
+    Traced as a constant (``torch.compiler.assume_constant_result``): Inductor's choice of ISA
+    is fixed for the process, and it is part of the key of afx's cache of compiled buckets.
+
+    Returns:
+        ``True`` when Inductor's vector ISA is AVX2.
+
+    Example:
+        >>> from afx.codecs.packing import words_are_faster
+        >>> isinstance(words_are_faster(), bool)
+        True
+    """
+    from torch._inductor.cpu_vec_isa import VecAVX2, pick_vec_isa
+
+    return isinstance(pick_vec_isa(), VecAVX2)
+
+
+def read_words(codes: Tensor) -> Tensor:
+    """The values of a contiguous uint8 tensor, read through its bytes as int64 words.
+
+    Each word holds eight values; shifting it by 0, 8, ..., 56 bits and masking gives them in
+    order on a little-endian CPU. Compiled, that is one scalar load per eight values instead of
+    a vector load of uint8 values.
+
+    Args:
+        codes: a contiguous uint8 tensor whose number of elements is a multiple of 8 and whose
+            storage offset is a multiple of 8 bytes (as for every state tensor afx allocates).
+
+    Returns:
+        int64 tensor of ``codes``'s shape and values.
+
+    Example:
+        >>> import torch
+        >>> from afx.codecs.packing import read_words
+        >>> read_words(torch.tensor([1, 2, 3, 4, 5, 6, 7, 255], dtype=torch.uint8))
+        tensor([  1,   2,   3,   4,   5,   6,   7, 255])
+    """
+    words = codes.reshape(-1).view(torch.int64)
+    shifts = torch.arange(0, 64, 8, device=codes.device)
+    return ((words[:, None] >> shifts) & 0xFF).view(codes.shape)
+
+
+def read_bytes(codes: Tensor) -> Tensor:
+    """The values of a uint8 tensor, read the faster way for compiled code on this CPU.
+
+    Compiled for a CPU where Inductor vectorises with AVX2 (:func:`words_are_faster`), the
+    bytes are read as int64 words (:func:`read_words`). Everywhere else (eager mode, other
+    devices and vector ISAs, little-endian words unavailable, shapes the word view cannot
+    cover) the tensor is returned as it is.
 
     Args:
         codes: a uint8 tensor.
@@ -85,8 +137,6 @@ def read_bytes(codes: Tensor) -> Tensor:
     """
     if (codes.dtype != torch.uint8 or codes.device.type != "cpu" or sys.byteorder != "little"
             or not torch.compiler.is_compiling() or codes.numel() % 8
-            or not codes.is_contiguous()):
+            or not codes.is_contiguous() or not words_are_faster()):
         return codes
-    words = codes.reshape(-1).view(torch.int64)
-    shifts = torch.arange(0, 64, 8, device=codes.device)
-    return ((words[:, None] >> shifts) & 0xFF).view(codes.shape)
+    return read_words(codes)

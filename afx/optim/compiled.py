@@ -61,8 +61,8 @@ def _keep_unless(finite: Tensor, new: Tensor, old: Tensor) -> Tensor:
     if not new.is_floating_point() and new.element_size() <= 2:
         # Inductor's C++ select between 8/16-bit vectors under a scalar mask runs a scalar
         # loop per vector; selecting their float32 values is exact for codes of up to 16 bits.
-        # The old codes are read through int64 words (read_bytes): as plain uint8 vectors
-        # their load stalls on every vector.
+        # The old codes are read through read_bytes, i.e. as int64 words where Inductor's
+        # uint8 vector load is the slow one (AVX2).
         return torch.where(finite, new.float(), read_bytes(old).float()).to(old.dtype)
     return torch.where(finite, new, old)
 

@@ -70,9 +70,9 @@ def _code_read(words: bool):
     def build(shape):
         import torch
 
-        from afx.codecs.packing import read_bytes
+        from afx.codecs.packing import read_words
 
-        read = read_bytes if words else (lambda c: c)
+        read = read_words if words else (lambda c: c)
         codes = torch.randint(0, 256, shape, dtype=torch.uint8)
         out = torch.zeros(())
         return (_compile(lambda c, out: out.copy_(((read(c).float() - 128.0) * 0.01).sum())),
@@ -90,8 +90,8 @@ def _code_update_fixed_scale(shape):
     g = torch.randn(shape) * 0.01
 
     def update(c, g):
-        # Codes read the cheapest way Inductor's C++ allows (int64 words), so this stays a
-        # lower bound for afx's own 8-bit loops.
+        # Codes read as afx's own 8-bit loops read them (read_bytes: int64 words where that is
+        # the faster load), so this stays a lower bound for those loops.
         m = (read_bytes(c).float() - 128.0) * (1 / 128)
         m = m * 0.9 + g * 0.1
         c.copy_((m * 128.0).round().clamp(-128, 127).add(128).to(torch.uint8))
@@ -151,7 +151,7 @@ PRIMITIVES = [
     Primitive("fp32_fresh_output", "y = 2·x into a newly allocated fp32 tensor", 8,
               _fp32_fresh_output),
     Primitive("code_read", "sum of decoded 8-bit codes (fixed scale)", 1, _code_read(False)),
-    Primitive("code_read_words", "the same sum, codes read as int64 words (afx's read_bytes)", 1,
+    Primitive("code_read_words", "the same sum, codes read as int64 words (afx's read_words)", 1,
               _code_read(True)),
     Primitive("code_update_fixed_scale",
               "8-bit state: decode, m = 0.9·m + 0.1·g, re-encode; fixed scale, no block stats",

@@ -7,6 +7,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
@@ -88,23 +89,26 @@ def test_a_compiled_update_is_read_as_one_pass():
     assert torch.equal(p, torch.full((64, 64), 2.0))
 
 
-def test_codes_read_as_int64_words_count_one_byte_per_element():
-    # Real Inductor output: the sum of 8-bit codes read through int64 words (read_bytes)
-    # indexes each word by x // 8, which is eight codes, one byte per element and one 8-bit
-    # load; the float32 row factor indexed by the row only stays a broadcast.
+@pytest.mark.parametrize("words", [True, False])
+def test_codes_read_as_words_or_bytes_count_one_byte_per_element(words):
+    # Real Inductor output: the sum of 8-bit codes read through int64 words (read_words)
+    # indexes each word by x // 8, which is eight codes; read as uint8 vectors, each code is
+    # its own byte. Either way one byte per element and one 8-bit load; the float32 row factor
+    # indexed by the row only stays a broadcast.
     from torch._inductor.utils import fresh_cache, run_and_get_code
 
-    from afx.codecs.packing import read_bytes
+    from afx.codecs.packing import read_words
 
     codes = torch.randint(0, 256, (64, 512), dtype=torch.uint8)
     rows, out = torch.rand(64, 1), torch.zeros(())
+    read = read_words if words else (lambda c: c)
 
     def total(c, r, out):
-        return out.copy_((read_bytes(c).float() * r).sum())
+        return out.copy_((read(c).float() * r).sum())
 
     with fresh_cache():
         _, sources = run_and_get_code(torch.compile(total), codes, rows, out)
-    assert "const int64_t* in_ptr" in sources[0]
+    assert ("const int64_t* in_ptr" in sources[0]) is words
     found = analyse(sources[0], codes.numel())
     assert [(q.reads, q.writes, q.code_loads) for q in found.passes] == [(1, 0, 1)]
     assert torch.allclose(out, (codes.float() * rows).sum())
