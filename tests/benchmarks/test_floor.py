@@ -7,7 +7,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 
-from floor import bounds
+from floor import bounds, bounds_bandwidth
 
 NUMEL, GBPS = 1_000_000, 10.0
 ANCHORS = {"a8b-default": 400.0, "hf-adafactor": 400.0, "a8b-beta1": 1000.0,
@@ -36,3 +36,14 @@ def test_the_adamw_like_bound_pays_for_one_linear_and_one_log_space_code() -> No
     key = ("afx-a8b-adamw", "torch-adamw-fused")
     assert abs(slower_log[key] - base[key] - 4.0 * NUMEL / 1e6) < 1e-9
     assert slower_log[("afx-a8b-beta1", "a8b-beta1")] == base[("afx-a8b-beta1", "a8b-beta1")]
+
+
+def test_bounds_assume_the_fastest_rate_measured() -> None:
+    """A loop over a cache-sized tensor can beat the DRAM triad: the bounds then use the loop's
+    rate, never a slower one, so a bound stays below what a step can reach."""
+    prims = {"fp32_read": {"gbps": 17.1}, "fp32_update": {"gbps": 24.2},
+             "code_read": {"gbps": 99.0}}
+    assert bounds_bandwidth(15.3, None, prims) == 24.2
+    assert bounds_bandwidth(30.0, 15.0, prims) == 30.0
+    assert bounds_bandwidth(15.3, 26.0, prims) == 26.0
+    assert bounds_bandwidth(15.3, None, {}) == 15.3
