@@ -67,12 +67,13 @@ def words_are_faster() -> bool:
     It does where Inductor vectorises with AVX2, which has no byte-masked load: the uint8 values
     of one float32 vector (8 bytes of a 32-byte register) go through a stack buffer that is
     filled and then reloaded whole, and the reload waits for the stores to retire. With AVX-512
-    the same partial load is one masked instruction, and reading words is the slow way (one
-    scalar load and a shift per value). ``benchmarks/floor.py``'s ``code_read`` and
-    ``code_read_words`` measure both; one Intel Xeon, one thread, 50257×768 codes, ns per code
-    read (a /tmp script calling ``afxbench.primitives``, Inductor's ``cpp.simdlen`` set to 256 and
-    512): AVX2 1.18 plain vs 0.61 words, AVX-512 0.18 plain vs 1.13 words. Other vector ISAs
-    (NEON, SVE, VSX) are not measured and read plain bytes.
+    the same partial load is one masked instruction, and reading words is the slow way (a
+    16-lane vector spans two words and is filled lane by lane, see :func:`read_words`).
+    ``benchmarks/floor.py``'s ``code_read`` and ``code_read_words`` measure both. On one Intel
+    Xeon, one thread, 50257×768 codes, in ns per code (a /tmp script calling
+    ``afxbench.primitives`` with Inductor's ``cpp.simdlen`` set to 256, then 512): AVX2 1.18
+    plain against 0.61 through words, AVX-512 0.18 against 1.13. Other vector ISAs (NEON, SVE,
+    VSX) are not measured and read plain bytes.
 
     Traced as a constant (``torch.compiler.assume_constant_result``): Inductor's choice of ISA
     is fixed for the process, and it is part of the key of afx's cache of compiled buckets.
@@ -94,8 +95,9 @@ def read_words(codes: Tensor) -> Tensor:
     """The values of a contiguous uint8 tensor, read through its bytes as int64 words.
 
     Each word holds eight values; shifting it by 0, 8, ..., 56 bits and masking gives them in
-    order on a little-endian CPU. Compiled, that is one scalar load per eight values instead of
-    a vector load of uint8 values.
+    order on a little-endian CPU. Compiled with 8-lane float32 vectors (AVX2), the word index is
+    the same across a vector, so a vector costs one scalar load; a 16-lane vector (AVX-512)
+    spans two words, and Inductor's C++ fills it lane by lane.
 
     Args:
         codes: a contiguous uint8 tensor whose number of elements is a multiple of 8 and whose
