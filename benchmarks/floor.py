@@ -179,7 +179,9 @@ def markdown(doc: dict[str, Any]) -> str:
     lines = [
         f"# afx floor analysis, {doc['date_utc']}", "",
         f"Command: `{doc['command']}`", "",
-        f"Machine: {doc['machine']['cpu_model']}, {doc['machine']['cpus_available']} CPUs, "
+        f"Machine: {doc['machine']['cpu_model']} "
+        f"({doc['machine'].get('simd') or 'SIMD unknown'}), "
+        f"{doc['machine']['cpus_available']} CPUs, "
         f"L3 {doc['machine']['l3_cache']}; {doc['machine']['threads']} thread; torch "
         f"{doc['machine']['versions']['torch']}; afx {str(doc['machine']['afx_commit'])[:10]}.",
         "",

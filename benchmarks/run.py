@@ -130,6 +130,35 @@ def _cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+#: CPU flags (``/proc/cpuinfo``) of the vector extensions Inductor's C++ backend compiles for,
+#: widest first: the code it writes for 8-bit states differs between them (``read_bytes``).
+_SIMD_FLAGS = (("avx512f", "AVX-512"), ("avx2", "AVX2"), ("sve", "SVE"), ("asimd", "NEON"))
+
+
+def simd_from_flags(flags: str) -> str | None:
+    """The widest vector extension in a ``/proc/cpuinfo`` flags (or ``Features``) line.
+
+    Example:
+        >>> simd_from_flags("fpu sse2 avx avx2 fma avx512f avx512bw")
+        'AVX-512'
+        >>> simd_from_flags("fpu sse2") is None
+        True
+    """
+    present = set(flags.split())
+    return next((name for flag, name in _SIMD_FLAGS if flag in present), None)
+
+
+def _simd() -> str | None:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    return simd_from_flags(line.split(":", 1)[1])
+    except OSError:
+        pass
+    return None
+
+
 def _meminfo_gib() -> float | None:
     try:
         with open("/proc/meminfo") as f:
@@ -174,6 +203,7 @@ def machine_info(threads: int) -> dict[str, Any]:
     l3 = Path("/sys/devices/system/cpu/cpu0/cache/index3/size")
     return {
         "cpu_model": _cpu_model(),
+        "simd": _simd(),
         "logical_cpus": os.cpu_count(),
         "cpus_available": affinity,
         "l3_cache": l3.read_text().strip() if l3.exists() else None,
@@ -408,7 +438,8 @@ class Run:
         parts = [
             f"# afx benchmark, {doc['date_utc']}{'' if doc['complete'] else ' (incomplete)'}\n",
             f"Command: `{doc['command']}`\n",
-            f"Machine: {m['cpu_model']}, {m['cpus_available']} CPUs available "
+            f"Machine: {m['cpu_model']} ({m.get('simd') or 'SIMD unknown'}), "
+            f"{m['cpus_available']} CPUs available "
             f"({m['logical_cpus']} logical), L3 {m['l3_cache']}, "
             f"{_fmt_gib(m['memory_gib'])} RAM; {doc['settings']['threads']} thread(s); "
             f"torch {m['versions']['torch']}, transformers {m['versions']['transformers']}, "
