@@ -195,6 +195,12 @@ def rms(x: Tensor, *, sharded: bool = True) -> Tensor:
     """
     if _is_sharded(sharded):
         return (sum_squares(x) / _sharding.full_numel(x)).sqrt()
+    if torch.compiler.is_compiling() and x.ndim >= 2:
+        # Row by row first: Inductor's C++ then sums each row with plain vector adds and
+        # cascades only the row totals, not every vector of a loop over all elements. The
+        # parameter's RMS and the clip's are two such sums per step (in-process A/B, 124M,
+        # one thread, AVX-512 Xeon: the default 267 -> 253 ms, afx.Adafactor 273 -> 254).
+        return (x.float().square().sum(-1).sum() / x.numel()).sqrt()
     return x.float().square().mean().sqrt()
 
 

@@ -1,4 +1,5 @@
-"""afx.numerics: the finiteness test of skip_nonfinite and the column mean of a tall matrix.
+"""afx.numerics: the finiteness test of skip_nonfinite, the column mean of a tall matrix and
+the root mean square.
 
 Each compiled test is traced once (one shape), however many examples hypothesis draws.
 """
@@ -13,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch._inductor.utils import fresh_cache, run_and_get_code
 
-from afx.numerics import all_finite, full_mean
+from afx.numerics import all_finite, full_mean, rms
 
 _SPECIAL = st.sampled_from([math.nan, math.inf, -math.inf, 3.0e38, -3.0e38, 0.0, -0.0, 1e-45])
 _VALUES = st.lists(st.one_of(st.floats(-1e3, 1e3, width=32), _SPECIAL), min_size=24,
@@ -64,3 +65,27 @@ def test_cheap_column_mean_compiles_without_masked_loads(cheap: bool) -> None:
         out, (source,) = run_and_get_code(f, x)
     torch.testing.assert_close(out, (x * x + 1e-30).mean(-2))
     assert ("VecMask<float,1>::from" in source) is not cheap
+
+
+_compiled_rms = torch.compile(rms, fullgraph=True, dynamic=False)
+
+
+@pytest.mark.parametrize("shape", [(0, 5), (7,), (7, 300), (2, 3, 33), (1, 1)])
+def test_compiled_rms_is_the_rms(shape: tuple[int, ...]) -> None:
+    """Compiled, rms sums a tensor of two or more dims row by row first; it is still the root
+    mean square of all elements (to float32 rounding), and NaN for an empty tensor."""
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(len(shape))) * 3.0
+    expected = x.double().square().mean().sqrt().float()
+    torch.testing.assert_close(_compiled_rms(x), expected, rtol=1e-6, atol=0.0, equal_nan=True)
+    torch.testing.assert_close(rms(x), expected, rtol=1e-6, atol=0.0, equal_nan=True)
+
+
+def test_compiled_rms_of_a_matrix_has_no_loop_over_every_element() -> None:
+    """The point of the row-first sum: Inductor's C++ for rms of a 64×96 matrix reduces each
+    row in a loop over its 96 columns and then the 64 row totals, never in one loop over all
+    6,144 elements (a cascade sum, whose bookkeeping on every vector costs more)."""
+    f = torch.compile(lambda x: rms(x), fullgraph=True, dynamic=False)
+    with fresh_cache():
+        _, (source,) = run_and_get_code(f, torch.randn(64, 96))
+    assert "static_cast<int64_t>(6144L)" not in source
+    assert "static_cast<int64_t>(96L)" in source
