@@ -81,6 +81,12 @@ def _run_eager(tx, param, grad, state, hyper, sr_seed=None, skipped=None):
     return expected
 
 
+def _assert_as_eager(param: torch.Tensor, expected: torch.Tensor) -> None:
+    # Equal to rounding, not bitwise: traced, numerics.rms sums a matrix row by row first.
+    # Results for lr 0.1 and 0.05 differ by up to 0.13 here, far outside the tolerance.
+    torch.testing.assert_close(param.detach(), expected, rtol=1e-6, atol=1e-6)
+
+
 @torch.no_grad()
 def test_a_bucket_is_traced_once_yet_still_guards_its_tensors_and_arguments():
     # No guard on the transformation is re-checked, so a second transformation built the
@@ -102,7 +108,7 @@ def test_a_bucket_is_traced_once_yet_still_guards_its_tensors_and_arguments():
     first = _bucket_args((6, 5), 0.1)
     expected = _run_eager(*first)
     fn(*first)
-    assert torch.equal(first[1].detach(), expected)
+    _assert_as_eager(first[1], expected)
     assert counters["stats"]["unique_graphs"] == 1
     kept_types = {e.guard_type for e in kept}
     assert {"TENSOR_MATCH", "GRAD_MODE", "GLOBAL_STATE"} <= kept_types
@@ -115,13 +121,13 @@ def test_a_bucket_is_traced_once_yet_still_guards_its_tensors_and_arguments():
     assert second[0] is not first[0]
     expected = _run_eager(*second)
     fn(*second)
-    assert torch.equal(second[1].detach(), expected)
+    _assert_as_eager(second[1], expected)
     assert counters["stats"]["unique_graphs"] == 1
 
     counted = (*_bucket_args((6, 5), 0.1), None, torch.zeros((), dtype=torch.int64))
     expected = _run_eager(*counted)
     fn(*counted)
-    assert torch.equal(counted[1].detach(), expected)
+    _assert_as_eager(counted[1], expected)
     assert counters["stats"]["unique_graphs"] == 2
 
     fn(*_bucket_args((4, 3), 0.1))
@@ -137,5 +143,5 @@ def test_a_bucket_is_traced_once_yet_still_guards_its_tensors_and_arguments():
     args[3] = args[3]._replace(inner=(twin, *args[3].inner[1:]))
     expected = _run_eager(*args)
     fn(*args)
-    assert torch.equal(args[1].detach(), expected)
+    _assert_as_eager(args[1], expected)
     assert counters["stats"]["unique_graphs"] == 4
