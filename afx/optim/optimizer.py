@@ -31,6 +31,9 @@ class _Plan(NamedTuple):
     sharding: sharding.Sharding | None = None     # of a DTensor parameter sharded on dim 0
     storage: tuple[distributed.Storage, ...] = ()  # per key, for a sharded parameter
     mesh: Any = None
+    #: what every rank sees alike (see :func:`_grouped`), computed once: ``str(spec)`` costs
+    #: about 10 µs, paid for each parameter in every step otherwise
+    kind: tuple = ()
 
 
 class _Call(NamedTuple):
@@ -76,8 +79,7 @@ def _grouped(calls: list[_Call]) -> list[_Call]:
     functions' collectives in the same order.
     """
     first: dict[tuple, int] = {}
-    kinds = [first.setdefault((c.plan.static, str(c.plan.spec), tuple(c.param.shape),
-                               c.param.dtype), len(first)) for c in calls]
+    kinds = [first.setdefault(c.plan.kind, len(first)) for c in calls]
     return [call for _, call in sorted(zip(kinds, calls), key=lambda pair: pair[0])]
 
 
@@ -380,9 +382,11 @@ class Optimizer(torch.optim.Optimizer):
         layout = tuple((k, tuple(t.shape), t.dtype) for k, t in zip(keys, flat.values()))
         # A sharded parameter's bucket also depends on its rows (and the graph's collectives
         # on its process group): each rank compiles its own.
-        bucket = (static, str(spec), layout, tuple(p.shape), p.dtype, p.device, where)
+        structure = str(spec)
+        bucket = (static, structure, layout, tuple(p.shape), p.dtype, p.device, where)
         plan = _Plan(static, bucket, keys, spec, where, storage,
-                     p.device_mesh if where is not None else None)
+                     p.device_mesh if where is not None else None,
+                     (static, structure, tuple(p.shape), p.dtype))
         self._init_state(p, tx, plan, name, undo)
         undo.append((p, functools.partial(self._restore_plan, p, self._plans.get(p))))
         self._plans[p] = plan
