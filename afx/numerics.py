@@ -254,6 +254,34 @@ def factored_rsqrt(row: Tensor, col: Tensor, floor: Tensor | float, *,
         tensor([[0.5000, 0.2500],
                 [0.5000, 0.2500]])
     """
+    row_part, col_part = factored_rsqrt_parts(row, col, floor, sharded=sharded)
+    return row_part * col_part
+
+
+def factored_rsqrt_parts(row: Tensor, col: Tensor, floor: Tensor | float, *,
+                         sharded: bool = True) -> tuple[Tensor, Tensor]:
+    """The two factors of :func:`factored_rsqrt`, ``(√(mean(row)/row), 1/√col)``, unmultiplied.
+
+    Args:
+        row: row statistics, shape ``(..., R)``.
+        col: column statistics, shape ``(..., C)``.
+        floor: lower bound of ``mean(row)``.
+        sharded: as for :func:`factored_rsqrt`.
+
+    Returns:
+        ``(row_part, col_part)`` of shapes ``(..., R, 1)`` and ``(..., 1, C)`` whose product is
+        ``factored_rsqrt(row, col, floor)``, bit for bit.
+
+    References:
+        Shazeer & Stern, "Adafactor: Adaptive Learning Rates with Sublinear Memory Cost", 2018.
+
+    Example:
+        >>> import torch
+        >>> from afx.numerics import factored_rsqrt_parts
+        >>> factored_rsqrt_parts(torch.tensor([1.0, 3.0]), torch.tensor([4.0]), 1e-30)
+        (tensor([[1.4142],
+                [0.8165]]), tensor([[0.5000]]))
+    """
     row_mean = torch.clamp(row.mean(dim=-1, keepdim=True), min=floor)
     row_factor = row / row_mean
     if _is_sharded(sharded):
@@ -262,7 +290,43 @@ def factored_rsqrt(row: Tensor, col: Tensor, floor: Tensor | float, *,
         row_factor = _sharding.local_rows(row_factor)
         if col.ndim >= 2:
             col = _sharding.local_rows(col)
-    return hoisted(row_factor.rsqrt()).unsqueeze(-1) * hoisted(col.rsqrt()).unsqueeze(-2)
+    return hoisted(row_factor.rsqrt()).unsqueeze(-1), hoisted(col.rsqrt()).unsqueeze(-2)
+
+
+def factored_mean_square(x: Tensor, row_part: Tensor, col_part: Tensor) -> Tensor:
+    """``mean((x · row_part · col_part)²)`` over the logical tensor, from sums down the columns.
+
+    ``Σ_ij x²_ij r²_i c²_j = Σ_j c²_j Σ_i x²_ij r²_i``: the inner sums run down the columns like
+    Adafactor's column statistic of ``x²``, so a compiled step computes both in one loop over
+    ``x``, where the plain mean square of the product would need a loop of its own. The two
+    agree up to rounding (the additions happen in another order).
+
+    Args:
+        x: shape ``(..., R, C)``, laid out like the current parameter (its local rows when
+            sharded).
+        row_part: shape ``(..., R, 1)``, in ``x``'s layout (as from
+            :func:`factored_rsqrt_parts`).
+        col_part: shape ``(..., 1, C)``, in ``x``'s layout.
+
+    Returns:
+        A 0-d float32 tensor, the same on every rank.
+
+    References:
+        None; a helper of the factored preconditioner's update clipping.
+
+    Example:
+        >>> import torch
+        >>> from afx.numerics import factored_mean_square
+        >>> x = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
+        >>> r, c = torch.tensor([[1.0], [0.5]]), torch.tensor([[2.0, 1.0]])
+        >>> factored_mean_square(x, r, c), (x * r * c).square().mean()
+        (tensor(5.2500), tensor(5.2500))
+    """
+    down = _sum_down_columns(x.float().square() * row_part.square(), cheap=True)
+    total = (down * col_part.squeeze(-2).square()).sum()
+    if _is_sharded(True):
+        return _sharding.all_reduce(total) / _sharding.full_numel(x)
+    return total / x.numel()
 
 
 def hoisted(x: Tensor | float) -> Tensor | float:
@@ -295,7 +359,8 @@ def hoisted(x: Tensor | float) -> Tensor | float:
     return x.unsqueeze(-1).expand(*x.shape, 16).amax(dim=-1)
 
 
-def clip_rms(u: Tensor, d: Tensor | float, *, sharded: bool = True) -> Tensor:
+def clip_rms(u: Tensor, d: Tensor | float, *, sharded: bool = True,
+             mean_square: Tensor | None = None) -> Tensor:
     """``u / max(1, RMS(u)/d)``; ``d = 0`` leaves ``u`` unchanged.
 
     Args:
@@ -303,6 +368,8 @@ def clip_rms(u: Tensor, d: Tensor | float, *, sharded: bool = True) -> Tensor:
         d: the clipping threshold (number or 0-d tensor, so a scheduler can change it without
             a recompile).
         sharded: ``False`` if ``u`` is the same whole tensor on every rank (see :func:`rms`).
+        mean_square: ``RMS(u)²`` if the caller already has it (see
+            :func:`factored_mean_square`); otherwise it is computed from ``u``.
 
     Returns:
         ``u`` scaled down so its RMS is at most ``d``.
@@ -317,5 +384,6 @@ def clip_rms(u: Tensor, d: Tensor | float, *, sharded: bool = True) -> Tensor:
         >>> clip_rms(torch.tensor([3.0, 4.0]), 1.0), clip_rms(torch.tensor([0.3, 0.4]), 1.0)
         (tensor([0.8485, 1.1314]), tensor([0.3000, 0.4000]))
     """
-    denom = torch.clamp(rms(u, sharded=sharded) / d, min=1.0)
+    value = rms(u, sharded=sharded) if mean_square is None else mean_square.sqrt()
+    denom = torch.clamp(value / d, min=1.0)
     return u / hoisted(torch.where(torch.as_tensor(d) > 0, denom, torch.ones_like(denom)))

@@ -1,5 +1,5 @@
-"""afx.numerics: the finiteness test of skip_nonfinite, the column mean of a tall matrix and
-the root mean square.
+"""afx.numerics: the finiteness test of skip_nonfinite, the column mean of a tall matrix, the
+root mean square and the factored preconditioner's parts and mean square.
 
 Each compiled test is traced once (one shape), however many examples hypothesis draws.
 """
@@ -14,7 +14,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch._inductor.utils import fresh_cache, run_and_get_code
 
-from afx.numerics import all_finite, full_mean, rms
+from afx.numerics import (
+    all_finite,
+    factored_mean_square,
+    factored_rsqrt,
+    factored_rsqrt_parts,
+    full_mean,
+    rms,
+)
 
 _SPECIAL = st.sampled_from([math.nan, math.inf, -math.inf, 3.0e38, -3.0e38, 0.0, -0.0, 1e-45])
 _VALUES = st.lists(st.one_of(st.floats(-1e3, 1e3, width=32), _SPECIAL), min_size=24,
@@ -89,3 +96,20 @@ def test_compiled_rms_of_a_matrix_has_no_loop_over_every_element() -> None:
         _, (source,) = run_and_get_code(f, torch.randn(64, 96))
     assert "static_cast<int64_t>(6144L)" not in source
     assert "static_cast<int64_t>(96L)" in source
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 3), st.integers(1, 70), st.integers(1, 9), st.floats(1e-3, 1e3))
+def test_factored_parts_multiply_to_factored_rsqrt(batch: int, rows: int, cols: int,
+                                                   scale: float) -> None:
+    """The row and column parts multiply to factored_rsqrt bit for bit, and
+    factored_mean_square(x, r, c) is the mean square of x·r·c (to float32 rounding) for any
+    row count (below, at and between the 16-row groups of the column sums) and batch dims."""
+    gen = torch.Generator().manual_seed(rows * 10 + cols)
+    x = torch.randn(batch, rows, cols, generator=gen) * scale
+    row = torch.rand(batch, rows, generator=gen) + 0.1
+    col = torch.rand(batch, cols, generator=gen) + 0.1
+    r, c = factored_rsqrt_parts(row, col, 1e-30)
+    assert torch.equal(r * c, factored_rsqrt(row, col, 1e-30))
+    expected = (x.double() * r.double() * c.double()).square().mean().float()
+    torch.testing.assert_close(factored_mean_square(x, r, c), expected, rtol=2e-6, atol=0.0)

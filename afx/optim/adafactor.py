@@ -11,7 +11,6 @@ from afx.combine import named_chain
 from afx.optim.optimizer import Optimizer
 from afx.transforms import (
     add_decayed_weights,
-    clip_by_rms,
     ema,
     learning_rate,
     param_rms,
@@ -68,8 +67,10 @@ def adafactor(group: Mapping[str, Any]) -> GradientTransformation:
     if group["scale_parameter"]:
         alpha = alpha * param_rms(eps[1])
     parts = [
-        ("rms", scale_by_factored_rms(group["decay_rate"], eps[0])),
-        ("clip", clip_by_rms(group["clip_threshold"])),
+        # Clipping inside the second moment lets a compiled step take RMS(u) from the loop
+        # of its column statistics (see afx.transforms.preconditioner).
+        ("rms", scale_by_factored_rms(group["decay_rate"], eps[0],
+                                      clip_threshold=group["clip_threshold"])),
         ("step_size", scale_by_step_size(alpha)),
     ]
     if group["beta1"] is not None:

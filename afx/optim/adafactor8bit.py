@@ -225,8 +225,9 @@ def adafactor8bit(group: Mapping[str, Any], *, finite_grads: bool = False
 
     def route(second_moment: GradientTransformation | None,
               momentum_after_clip: GradientTransformation | None,
-              heavy: bool = False) -> GradientTransformation:
+              heavy: bool = False, clipped: bool = False) -> GradientTransformation:
         parts = [("maximize", scale(-1.0))] if group["maximize"] else []
+        clip_here = [] if clipped else clip
         if heavy:
             parts.append(("momentum", ema(beta1)))
             parts.append(("heavy_ball", scale_by_step_size(heavy_ball(beta1))))
@@ -235,13 +236,13 @@ def adafactor8bit(group: Mapping[str, Any], *, finite_grads: bool = False
         if momentum_after_clip is not None:
             # Clip the normalised gradient, average it (Adafactor-style or CAME), and limit
             # (Fira) without a final clip.
-            parts += [*clip, ("momentum", momentum_after_clip)]
+            parts += [*clip_here, ("momentum", momentum_after_clip)]
             if fira:
                 parts.append(("fira", fira_limit(group["fira_margin"])))
         elif fira:
             parts.append(("fira", fira_limit(group["fira_margin"], group["d"])))
         else:
-            parts += clip
+            parts += clip_here
         parts += [("step_size", scale_by_step_size(alpha)),
                   ("weight_decay", add_decayed_weights(group["weight_decay"], decay_step)),
                   ("descent", scale(-1.0))]
@@ -289,14 +290,16 @@ def adafactor8bit(group: Mapping[str, Any], *, finite_grads: bool = False
             elementwise = scale_by_factored_rms(decay_rate, eps1, beta2=beta2,
                                                 factored=False, momentum=inner_momentum,
                                                 beta1=beta1_default)
-        if group["beta3"] is not None:
-            factored_route = route(
-                scale_by_factored_rms(decay_rate, eps1, beta2=beta2),
-                came_confidence(beta1, group["beta3"], group["eps_came"], eps1))
-        else:
-            factored_route = route(scale_by_factored_rms(
-                decay_rate, eps1, beta2=beta2, momentum=beta1 is not None,
-                beta1=beta1_default), None)
+        came = group["beta3"] is not None
+        # The factored second moment clips its own output where the clip follows it, so a
+        # compiled step takes RMS(u) from its column sums (see afx.transforms.preconditioner).
+        own_clip = bool(clip) and (came or not fira)
+        factored_rms = scale_by_factored_rms(
+            decay_rate, eps1, beta2=beta2, momentum=beta1 is not None and not came,
+            beta1=beta1_default, clip_threshold=group["d"] if own_clip else None)
+        factored_route = route(
+            factored_rms, came_confidence(beta1, group["beta3"], group["eps_came"], eps1)
+            if came else None, clipped=own_clip)
         routes = {
             "factored": factored_route,
             "elementwise": route(elementwise, ema(beta1) if beta1 is not None and momentum_only

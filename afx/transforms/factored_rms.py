@@ -15,7 +15,7 @@ from afx.base import (
     hyperparams,
     step_count,
 )
-from afx.numerics import factored_rsqrt, fp32_zeros, full_mean, hoisted
+from afx.numerics import factored_rsqrt_parts, fp32_zeros, full_mean, hoisted
 from afx.sharding import full_shape
 from afx.transforms.preconditioner import preconditioner
 
@@ -72,6 +72,7 @@ def scale_by_factored_rms(
     bias_correction: bool = False,
     momentum: bool = False,
     beta1: float = 0.9,
+    clip_threshold: float | None = None,
 ) -> GradientTransformation:
     """Divides updates by Adafactor's estimate of the root mean square of the gradient.
 
@@ -83,7 +84,10 @@ def scale_by_factored_rms(
     * other tensors: ``V_t = (1 − w_t) V_{t−1} + w_t G``, ``V̂ = max(V_t, eps1², 2^-126)``;
     * output ``u = g / √V̂`` (or ``m / √V̂`` with Adam-style ``momentum``, ``m`` the EMA of ``g``
       with ``beta1``); with ``bias_correction`` (fixed ``beta2`` only) ``V̂`` is divided by
-      ``1 − beta2^t``.
+      ``1 − beta2^t``;
+    * with ``clip_threshold`` ``d``: ``u ← u / max(1, RMS(u)/d)``, :func:`clip_by_rms` inside
+      the transform, so a compiled step gets ``RMS(u)`` of a factored ``u`` from the loop
+      that sums ``G`` down the columns (see :func:`afx.transforms.preconditioner`).
 
     The two floors only act where ``eps1`` is below the float32 range or zero; with
     transformers' default they never change a value.
@@ -98,6 +102,8 @@ def scale_by_factored_rms(
         bias_correction: divide by ``1 − beta2^t`` (needs ``beta2``).
         momentum: precondition an EMA of the gradient (adafactor8bit's factored momentum).
         beta1: default of hyperparameter ``"beta1"`` when ``momentum``.
+        clip_threshold: if given, clip the output by RMS (hyperparameter
+            ``"clip_threshold"``; 0 disables clipping).
 
     Returns:
         The transformation; needs ``hyper["step"]`` (see :func:`afx.count_steps`).
@@ -145,11 +151,11 @@ def scale_by_factored_rms(
             v_row = torch.lerp(state.v_row, full_mean(sq, -1), weight)
             v_col = torch.lerp(state.v_col, full_mean(sq, -2, cheap=True), weight)
             col = v_col if correction is None else v_col / correction
-            return factored_rsqrt(v_row, col, e1), FactoredRmsState(v_row, v_col)
+            return factored_rsqrt_parts(v_row, col, e1), FactoredRmsState(v_row, v_col)
         v = torch.lerp(state.v, sq, weight)
         v_hat = v if correction is None else v / correction
         floor = torch.clamp(torch.as_tensor(e1) ** 2, min=FLT_MIN)
         return torch.maximum(v_hat, floor).rsqrt(), RmsState(v)
 
     return preconditioner(init_leaf, inverse_leaf, hyperparams(**specs), momentum=momentum,
-                          beta1=beta1)
+                          beta1=beta1, clip_threshold=clip_threshold)

@@ -2,7 +2,8 @@
 
 A preconditioner computes ``inv ≈ 1/√E[g²]`` from the raw gradient and outputs ``g · inv``, or,
 with Adam-style momentum, ``m · inv`` where ``m`` is an EMA of the raw gradient. The momentum has
-to live inside the preconditioner because both need the raw gradient.
+to live inside the preconditioner because both need the raw gradient. It can also clip its
+output by RMS, which for a factored ``inv`` a compiled step gets without a pass of its own.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import Any, NamedTuple
 import torch
 
 from afx.base import (
+    NON_NEGATIVE,
     GradientTransformation,
     Hyper,
     Hyperparam,
@@ -20,10 +22,13 @@ from afx.base import (
     merge_hyperparams,
     per_leaf,
 )
-from afx.numerics import fp32_zeros
+from afx.numerics import clip_rms, factored_mean_square, fp32_zeros
 
 Tensor = torch.Tensor
-InverseFn = Callable[[Tensor, Any, Tensor | None, Hyper | None], tuple[Tensor, Any]]
+#: ``inverse_leaf(g, state, param, hyper) -> (inv, new state)``; ``inv`` is a tensor or, for a
+#: factored estimate, a pair ``(row part, column part)`` whose product is ``inv``.
+InverseFn = Callable[[Tensor, Any, Tensor | None, Hyper | None],
+                     tuple[Tensor | tuple[Tensor, Tensor], Any]]
 
 
 class MomentumState(NamedTuple):
@@ -49,22 +54,32 @@ class MomentumState(NamedTuple):
 
 def preconditioner(init_leaf: Callable[[Tensor], Any], inverse_leaf: InverseFn,
                    specs: Mapping[str, Hyperparam], *, momentum: bool,
-                   beta1: float) -> GradientTransformation:
+                   beta1: float, clip_threshold: float | None = None) -> GradientTransformation:
     """Builds ``u = g · inv`` (or ``m · inv`` with ``m ← lerp(m, g, 1 − β₁)``) per parameter.
+
+    With ``clip_threshold`` ``d``, the output is then clipped like :func:`clip_by_rms` does:
+    ``u ← u / max(1, RMS(u)/d)``. For a factored ``inv = r cᵀ`` without momentum, a compiled
+    step takes ``RMS(u)² = mean_j(c_j² mean_i(g²_ij r_i²))`` from a sum down the columns of
+    ``g`` that fuses with the second moment's own, instead of a loop over ``u`` (equal up to
+    rounding; eager steps compute ``RMS(u)`` directly).
 
     Args:
         init_leaf: ``init_leaf(param) -> second-moment state``.
-        inverse_leaf: ``inverse_leaf(g, state, param, hyper) -> (inv, new state)``.
+        inverse_leaf: ``inverse_leaf(g, state, param, hyper) -> (inv, new state)``, ``inv`` a
+            tensor or a factored pair (see :data:`InverseFn`).
         specs: hyperparameters of ``inverse_leaf``.
         momentum: add Adam-style momentum (hyperparameter ``"beta1"``).
         beta1: default of ``"beta1"``.
+        clip_threshold: if given, clip the output by RMS (hyperparameter
+            ``"clip_threshold"``, ``d ≥ 0``; ``d = 0`` disables clipping).
 
     Returns:
         The per-leaf transformation.
 
     References:
         Kingma & Ba, "Adam: A Method for Stochastic Optimization", 2015: momentum and the
-        second moment both estimated from the raw gradient.
+        second moment both estimated from the raw gradient. Shazeer & Stern, "Adafactor:
+        Adaptive Learning Rates with Sublinear Memory Cost", 2018: update clipping.
 
     Example:
         >>> import torch
@@ -76,20 +91,36 @@ def preconditioner(init_leaf: Callable[[Tensor], Any], inverse_leaf: InverseFn,
         >>> sign.update(torch.tensor([-2.0, 0.5]), sign.init(torch.zeros(2)))[0]
         tensor([-1.,  1.])
     """
+    extra = {}
     if momentum:
-        specs = merge_hyperparams([specs, {"beta1": Hyperparam(beta1, 0.0, 1.0,
-                                                               high_inclusive=False)}])
+        extra["beta1"] = Hyperparam(beta1, 0.0, 1.0, high_inclusive=False)
+    if clip_threshold is not None:
+        extra["clip_threshold"] = NON_NEGATIVE._replace(default=clip_threshold)
+    if extra:
+        specs = merge_hyperparams([specs, extra])
 
     def init(p: Tensor) -> Any:
         return MomentumState(init_leaf(p), fp32_zeros(p.shape, p)) if momentum else init_leaf(p)
 
     def update(g: Tensor, state: Any, p: Tensor | None, hyper: Hyper | None):
         g = g.float()
-        if not momentum:
-            inv, state = inverse_leaf(g, state, p, hyper)
-            return g * inv, state
-        inv, rms = inverse_leaf(g, state.rms, p, hyper)
-        m = torch.lerp(state.m, g, 1.0 - hyper_value(hyper, "beta1", beta1))
-        return m * inv, MomentumState(rms, m)
+        inv, rms = inverse_leaf(g, state.rms if momentum else state, p, hyper)
+        parts = inv if isinstance(inv, tuple) else None
+        if parts is not None:
+            inv = parts[0] * parts[1]
+        if momentum:
+            x = torch.lerp(state.m, g, 1.0 - hyper_value(hyper, "beta1", beta1))
+            state = MomentumState(rms, x)
+        else:
+            x, state = g, rms
+        u = x * inv
+        if clip_threshold is None:
+            return u, state
+        # The column sums would read the momentum, a second parameter-sized input, for a
+        # loop that the plain mean square of u costs anyway.
+        from_columns = parts is not None and not momentum and torch.compiler.is_compiling()
+        mean_square = factored_mean_square(g, *parts) if from_columns else None
+        return clip_rms(u, hyper_value(hyper, "clip_threshold", clip_threshold),
+                        mean_square=mean_square), state
 
     return per_leaf(init, update, specs)

@@ -19,6 +19,9 @@ CASES = {
     "fira_clip": T.fira_limit(0.01, clip_threshold=0.5),
     "rms_adam": T.scale_by_rms(momentum=True, eps_correction=True),
     "factored_rms_momentum": T.scale_by_factored_rms(momentum=True),
+    # Compiled, its RMS comes from column sums (eager: from the update itself).
+    "factored_rms_clip": T.scale_by_factored_rms(clip_threshold=0.5),
+    "factored_rms_momentum_clip": T.scale_by_factored_rms(momentum=True, clip_threshold=0.5),
     "decay_coupled": T.add_decayed_weights(0.1, T.learning_rate() * T.param_rms()),
     "partition": afx.partition({"m": T.ema(0.5), "v": T.scale(2.0)},
                                lambda n, p: "m" if p.ndim >= 2 else "v"),
