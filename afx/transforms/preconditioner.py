@@ -116,8 +116,8 @@ def preconditioner(init_leaf: Callable[[Tensor], Any], inverse_leaf: InverseFn,
         u = x * inv
         if clip_threshold is None:
             return u, state
-        # The column sums would read the momentum, a second parameter-sized input, for a
-        # loop that the plain mean square of u costs anyway.
+        # With momentum, u = m·r·c: the column sums would have to read m as well, so they
+        # would cost as much as the plain mean square of u.
         from_columns = parts is not None and not momentum and torch.compiler.is_compiling()
         mean_square = factored_mean_square(g, *parts) if from_columns else None
         return clip_rms(u, hyper_value(hyper, "clip_threshold", clip_threshold),
