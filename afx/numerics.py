@@ -70,7 +70,8 @@ def norm(x: Tensor, *, sharded: bool = True) -> Tensor:
     return torch.linalg.vector_norm(x.float())
 
 
-def full_mean(x: Tensor, dim: int, *, sharded: bool = True, cheap: bool = False) -> Tensor:
+def full_mean(x: Tensor, dim: int, *, sharded: bool = True, cheap: bool = False,
+              block: int | None = None) -> Tensor:
     """Mean over ``dim`` of the logical tensor, returned whole (the same on every rank).
 
     Sharded on dim 0: a mean over dim 0 sums the local rows, all-reduces the sum and divides
@@ -87,6 +88,9 @@ def full_mean(x: Tensor, dim: int, *, sharded: bool = True, cheap: bool = False)
             it: a mean over the rows then sums leftover rows in a loop of their own (see
             :func:`_sum_down_columns`). Either way it is the mean; only the order of
             the additions differs.
+        block: for the mean over the rows of a matrix (``dim = -1``), sum blocks of this
+            length first (:func:`row_blocks`), so a compiled step takes it in the loop that
+            takes the block absmax of a state encoded in the same blocks.
 
     Returns:
         The mean, float32 for a float32 ``x``.
@@ -101,6 +105,12 @@ def full_mean(x: Tensor, dim: int, *, sharded: bool = True, cheap: bool = False)
         tensor([2., 3.])
     """
     dim = dim % x.ndim
+    if block is not None:
+        if x.ndim != 2 or dim != 1:
+            raise ValueError(f"full_mean: block needs the last dim of a matrix, got dim {dim} "
+                             f"of shape {tuple(x.shape)}")
+        mean = row_blocks(x, block).sum(-1).view(x.shape[0], -1).sum(-1) / x.shape[1]
+        return _sharding.gather_rows(mean) if _is_sharded(sharded) else mean
     if not _is_sharded(sharded):
         if dim == x.ndim - 2:
             return _sum_down_columns(x, cheap) / x.shape[dim]
@@ -293,6 +303,13 @@ def factored_rsqrt_parts(row: Tensor, col: Tensor, floor: Tensor | float, *,
     return hoisted(row_factor.rsqrt()).unsqueeze(-1), hoisted(col.rsqrt()).unsqueeze(-2)
 
 
+def _logical_mean(total: Tensor, x: Tensor) -> Tensor:
+    """``total`` (a local sum over ``x``) divided by the logical tensor's size, all-reduced."""
+    if _is_sharded(True):
+        return _sharding.all_reduce(total) / _sharding.full_numel(x)
+    return total / x.numel()
+
+
 def factored_mean_square(x: Tensor, row_part: Tensor, col_part: Tensor) -> Tensor:
     """``mean((x · row_part · col_part)²)`` over the logical tensor, from sums down the columns.
 
@@ -324,9 +341,71 @@ def factored_mean_square(x: Tensor, row_part: Tensor, col_part: Tensor) -> Tenso
     """
     down = _sum_down_columns(x.float().square() * row_part.square(), cheap=True)
     total = (down * col_part.squeeze(-2).square()).sum()
-    if _is_sharded(True):
-        return _sharding.all_reduce(total) / _sharding.full_numel(x)
-    return total / x.numel()
+    return _logical_mean(total, x)
+
+
+def row_blocks(x: Tensor, block: int) -> Tensor:
+    """A matrix's rows cut into blocks: ``(R, C) -> (R·C/block, block)``, ``block`` dividing ``C``.
+
+    The same elements in the same order as ``x.reshape(-1, block)``, which is what the block
+    codecs of :mod:`afx.codecs` encode. The reshape goes through ``(R, C/block, block)``: a
+    compiled graph then indexes a row or column factor of ``x`` by the block number divided
+    or taken modulo ``C/block``, a broadcast, where a reshape straight to blocks leaves the
+    column index as a modulo of the flat position, a gather on Inductor's C++ backend.
+
+    Args:
+        x: shape ``(R, C)``.
+        block: the block length; must divide ``C``.
+
+    Returns:
+        A view of ``x`` of shape ``(R·C/block, block)``.
+
+    References:
+        None; a layout helper of the block-quantized momentum.
+
+    Example:
+        >>> import torch
+        >>> from afx.numerics import row_blocks
+        >>> row_blocks(torch.arange(8.0).reshape(2, 4), 2)
+        tensor([[0., 1.],
+                [2., 3.],
+                [4., 5.],
+                [6., 7.]])
+    """
+    rows, cols = x.shape
+    if cols % block:
+        raise ValueError(f"row_blocks: block {block} does not divide the {cols} columns")
+    return x.reshape(rows, cols // block, block).reshape(-1, block)
+
+
+def blockwise_mean_square(x: Tensor, block: int) -> Tensor:
+    """``mean(x²)`` over the logical tensor, summed block by block of :func:`row_blocks`.
+
+    A compiled step whose state is encoded in the same blocks computes these sums in the loop
+    that takes each block's absmax for the encoder, instead of in a loop of its own. Equal to
+    the plain mean square up to rounding (the additions happen in another order).
+
+    Args:
+        x: shape ``(R, C)``, laid out like the current parameter (its local rows when
+            sharded); ``block`` must divide ``C``.
+        block: the block length.
+
+    Returns:
+        A 0-d float32 tensor, the same on every rank.
+
+    References:
+        Shazeer & Stern, "Adafactor", 2018: the update clipping it serves, here for a
+        momentum encoded in blocks (Dettmers et al., "8-bit Optimizers via Block-wise
+        Quantization", 2022).
+
+    Example:
+        >>> import torch
+        >>> from afx.numerics import blockwise_mean_square
+        >>> blockwise_mean_square(torch.tensor([[1.0, 2.0, 3.0, 4.0]]), 2)
+        tensor(7.5000)
+    """
+    total = row_blocks(x.float(), block).square().sum(-1).sum()
+    return _logical_mean(total, x)
 
 
 def hoisted(x: Tensor | float) -> Tensor | float:

@@ -42,8 +42,9 @@ CONFIGS = {"afx-adafactor": None, "afx-a8b-default": "default", "afx-a8b-beta1":
            "afx-a8b-came": "came", "afx-a8b-adamw": "adamw", "afx-a8b-apollo": "apollo"}
 
 #: Bytes per element every Adafactor step with update clipping and parameter scaling moves at
-#: least: p read for its RMS, g read for the factored statistics, g read for the RMS of the
-#: update, then p and g read and p written by the update itself.
+#: least through Inductor: p read for its RMS, g read for the row statistics, g read again for
+#: the column statistics and the clip's sum (Inductor cannot put a row loop and a column loop
+#: in one sweep), then p and g read and p written by the update itself.
 ADAFACTOR_MIN_BYTES = 24
 
 

@@ -1,5 +1,6 @@
 """afx.numerics: the finiteness test of skip_nonfinite, the column mean of a tall matrix, the
-root mean square and the factored preconditioner's parts and mean square.
+root mean square, the factored preconditioner's parts and mean square, and the block views
+of a block-encoded momentum.
 
 Each compiled test is traced once (one shape), however many examples hypothesis draws.
 """
@@ -16,11 +17,13 @@ from torch._inductor.utils import fresh_cache, run_and_get_code
 
 from afx.numerics import (
     all_finite,
+    blockwise_mean_square,
     factored_mean_square,
     factored_rsqrt,
     factored_rsqrt_parts,
     full_mean,
     rms,
+    row_blocks,
 )
 
 _SPECIAL = st.sampled_from([math.nan, math.inf, -math.inf, 3.0e38, -3.0e38, 0.0, -0.0, 1e-45])
@@ -113,3 +116,38 @@ def test_factored_parts_multiply_to_factored_rsqrt(batch: int, rows: int, cols: 
     assert torch.equal(r * c, factored_rsqrt(row, col, 1e-30))
     expected = (x.double() * r.double() * c.double()).square().mean().float()
     torch.testing.assert_close(factored_mean_square(x, r, c), expected, rtol=2e-6, atol=0.0)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 9), st.integers(1, 5), st.sampled_from([1, 2, 4, 32]),
+       st.floats(1e-3, 1e3))
+def test_row_blocks_are_the_codec_blocks(rows: int, per_row: int, block: int,
+                                         scale: float) -> None:
+    """row_blocks(x, B) is x.reshape(-1, B), the layout afx.codecs encodes, for any matrix
+    whose row length B divides; blockwise_mean_square and full_mean(x, -1, block=B) are the
+    mean square and the row means (to float32 rounding)."""
+    gen = torch.Generator().manual_seed(rows * 100 + per_row * 10 + block)
+    x = torch.randn(rows, per_row * block, generator=gen) * scale
+    assert torch.equal(row_blocks(x, block), x.reshape(-1, block))
+    torch.testing.assert_close(blockwise_mean_square(x, block),
+                               x.double().square().mean().float(), rtol=2e-6, atol=0.0)
+    torch.testing.assert_close(full_mean(x, -1, block=block), x.double().mean(-1).float(),
+                               rtol=2e-6, atol=1e-6 * scale)
+
+
+def test_row_blocks_refuse_a_block_that_does_not_divide_the_row() -> None:
+    """A block length that does not divide the row length is an error naming both."""
+    with pytest.raises(ValueError, match="block 5 does not divide the 12 columns"):
+        row_blocks(torch.zeros(3, 12), 5)
+
+
+def test_compiled_block_sums_read_a_column_factor_as_vectors() -> None:
+    """The point of going through (R, C/B, B): compiled, the block sums of x·c for a column
+    factor c load c as plain vectors (no element-by-element gather), and are the sums."""
+    x, c = torch.randn(16, 96), torch.rand(1, 96) + 0.5
+    f = torch.compile(lambda x, c: blockwise_mean_square(x * c, 32), fullgraph=True,
+                      dynamic=False)
+    with fresh_cache():
+        out, (source,) = run_and_get_code(f, x, c)
+    torch.testing.assert_close(out, (x * c).square().mean(), rtol=2e-6, atol=0.0)
+    assert "tmpbuf" not in source

@@ -296,9 +296,11 @@ def adafactor8bit(group: Mapping[str, Any], *, finite_grads: bool = False
         own_clip = bool(clip) and (came or not fira)
         factored_rms = scale_by_factored_rms(
             decay_rate, eps1, beta2=beta2, momentum=beta1 is not None and not came,
-            beta1=beta1_default, clip_threshold=group["d"] if own_clip else None)
+            beta1=beta1_default, clip_threshold=group["d"] if own_clip else None,
+            momentum_block=_momentum_block(group))
         factored_route = route(
-            factored_rms, came_confidence(beta1, group["beta3"], group["eps_came"], eps1)
+            factored_rms, came_confidence(beta1, group["beta3"], group["eps_came"], eps1,
+                                          momentum_block=_momentum_block(group))
             if came else None, clipped=own_clip)
         routes = {
             "factored": factored_route,
@@ -318,6 +320,12 @@ def _square_root_of(name: str, default: float) -> StepSize:
     """``√hyper[name]`` as a step size."""
     return StepSize(lambda p, h: hyper_value(h, name, default) ** 0.5,
                     hyperparams(**{name: NON_NEGATIVE._replace(default=default)}))
+
+
+def _momentum_block(group: Mapping[str, Any]) -> int | None:
+    """The block length the group's momentum is encoded in, or None if it stays fp32."""
+    quantized = group["quantize"] and group["m_quant_type"] != "fp32"
+    return group["m_block_size"] if quantized else None
 
 
 def _quantized(tx: GradientTransformation, group: Mapping[str, Any], *,

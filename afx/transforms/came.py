@@ -17,7 +17,7 @@ from afx.base import (
 )
 from afx.numerics import factored_rsqrt, fp32_zeros, full_mean
 from afx.sharding import full_shape
-from afx.transforms.momentum import EmaState
+from afx.transforms.momentum import EmaState, lerp_momentum, momentum_blocks
 
 Tensor = torch.Tensor
 
@@ -46,8 +46,8 @@ class CameState(NamedTuple):
     c_col: Tensor
 
 
-def residual_means(u: Tensor, m: Tensor, eps: Any, *,
-                   sharded: bool = True) -> tuple[Tensor, Tensor]:
+def residual_means(u: Tensor, m: Tensor, eps: Any, *, sharded: bool = True,
+                   block: int | None = None) -> tuple[Tensor, Tensor]:
     """Row and column means of CAME's residual ``(u − m)² + eps`` (whole when sharded).
 
     The column mean's residual is written as ``(m − u)²`` (equal bits): as one expression
@@ -60,6 +60,8 @@ def residual_means(u: Tensor, m: Tensor, eps: Any, *,
         m: the new momentum, the same shape.
         eps: added to the residual (``eps_came``).
         sharded: ``False`` if ``u`` is the same whole tensor on every rank.
+        block: sum the row means block by block (see :func:`afx.numerics.full_mean`), for a
+            momentum created in blocks of this length.
 
     Returns:
         ``(mean over C, mean over R)``.
@@ -73,13 +75,14 @@ def residual_means(u: Tensor, m: Tensor, eps: Any, *,
         >>> residual_means(torch.ones(2, 3), torch.zeros(2, 3), 0.0)
         (tensor([1., 1.]), tensor([1., 1., 1.]))
     """
-    rows = full_mean((u - m).square() + eps, -1, sharded=sharded)
+    rows = full_mean((u - m).square() + eps, -1, sharded=sharded, block=block)
     cols = full_mean((m - u).square() + eps, -2, sharded=sharded)
     return rows, cols
 
 
 def came_confidence(beta1: float = 0.9, beta3: float = 0.9999, eps_came: float = 1e-16,
-                    eps1: float = 1e-30) -> GradientTransformation:
+                    eps1: float = 1e-30, *,
+                    momentum_block: int | None = None) -> GradientTransformation:
     """Momentum scaled by CAME's confidence in it (official CAME, adafactor8bit 0.4.6).
 
     For a normalised update ``u`` (Adafactor's ``g/√V̂``, clipped) of shape ``(..., R, C)``:
@@ -96,6 +99,10 @@ def came_confidence(beta1: float = 0.9, beta3: float = 0.9999, eps_came: float =
         beta3: confidence EMA coefficient, hyperparameter ``"beta3"``.
         eps_came: added to the residual, hyperparameter ``"eps_came"``.
         eps1: floor of the row mean, hyperparameter ``"eps1"``.
+        momentum_block: the block length ``m`` is encoded in, if it is: a compiled step then
+            creates ``m`` and sums the residual's row means in those blocks
+            (:func:`afx.transforms.momentum.lerp_momentum`), so the encoder's block absmax
+            shares their loop. Same values, up to the order of the row sums' additions.
 
     Returns:
         The transformation, state :class:`CameState` (≥2-D) or ``EmaState``.
@@ -125,10 +132,12 @@ def came_confidence(beta1: float = 0.9, beta3: float = 0.9999, eps_came: float =
 
     def update_leaf(u: Tensor, state, p, hyper: Hyper | None):
         u = u.float()
-        m = torch.lerp(state.m, u, 1.0 - hyper_value(hyper, "beta1", beta1))
+        blocks = momentum_blocks(u, momentum_block)
+        m = lerp_momentum(state.m, u, 1.0 - hyper_value(hyper, "beta1", beta1), blocks)
         if isinstance(state, EmaState):
             return m, EmaState(m)
-        row_mean, col_mean = residual_means(u, m, hyper_value(hyper, "eps_came", eps_came))
+        row_mean, col_mean = residual_means(u, m, hyper_value(hyper, "eps_came", eps_came),
+                                            block=blocks)
         weight = 1.0 - hyper_value(hyper, "beta3", beta3)
         c_row = torch.lerp(state.c_row, row_mean, weight)
         c_col = torch.lerp(state.c_col, col_mean, weight)

@@ -73,6 +73,7 @@ def scale_by_factored_rms(
     momentum: bool = False,
     beta1: float = 0.9,
     clip_threshold: float | None = None,
+    momentum_block: int | None = None,
 ) -> GradientTransformation:
     """Divides updates by Adafactor's estimate of the root mean square of the gradient.
 
@@ -104,6 +105,8 @@ def scale_by_factored_rms(
         beta1: default of hyperparameter ``"beta1"`` when ``momentum``.
         clip_threshold: if given, clip the output by RMS (hyperparameter
             ``"clip_threshold"``; 0 disables clipping).
+        momentum_block: the block length the momentum is encoded in, if it is (a layout
+            hint for compiled steps, see :func:`afx.transforms.preconditioner`).
 
     Returns:
         The transformation; needs ``hyper["step"]`` (see :func:`afx.count_steps`).
@@ -158,4 +161,5 @@ def scale_by_factored_rms(
         return torch.maximum(v_hat, floor).rsqrt(), RmsState(v)
 
     return preconditioner(init_leaf, inverse_leaf, hyperparams(**specs), momentum=momentum,
-                          beta1=beta1, clip_threshold=clip_threshold)
+                          beta1=beta1, clip_threshold=clip_threshold,
+                          momentum_block=momentum_block)

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 
 from afx.base import GradientTransformation, Hyperparam, hyper_value, hyperparams, per_leaf
-from afx.numerics import fp32_zeros
+from afx.numerics import fp32_zeros, row_blocks
 
 Tensor = torch.Tensor
 
@@ -29,6 +29,55 @@ class EmaState(NamedTuple):
     """
 
     m: Tensor
+
+
+def momentum_blocks(x: Tensor, block: int | None) -> int | None:
+    """``block`` if a compiled step should compute ``x``'s momentum in blocks, else ``None``.
+
+    That is when the momentum is block-encoded (``block`` is its codec's block length), ``x``
+    is a matrix whose row length ``block`` divides, and the step is being compiled: see
+    :func:`lerp_momentum`.
+
+    Example:
+        >>> import torch
+        >>> from afx.transforms.momentum import momentum_blocks
+        >>> momentum_blocks(torch.zeros(4, 512), 256) is None  # eager
+        True
+    """
+    fits = block is not None and x.ndim == 2 and x.shape[-1] % block == 0
+    return block if fits and torch.compiler.is_compiling() else None
+
+
+def lerp_momentum(m: Tensor, x: Tensor, weight: Any, block: int | None = None) -> Tensor:
+    """``lerp(m, x, weight)``, the new momentum; with ``block``, created in row blocks.
+
+    A compiled step stores the new momentum in the shape it is created in, and Inductor puts
+    reductions in one loop only if they run over the same shape. Created as
+    :func:`afx.numerics.row_blocks` of the codec's block length, the momentum's loop is also
+    the loop of its encoder's block absmax (and of any sum taken over the same blocks), one
+    pass over memory fewer than computing it as a matrix. The values are the same bits.
+
+    Args:
+        m: the momentum, shape of ``x``.
+        x: what it averages (gradient or update).
+        weight: ``1 − β₁``.
+        block: ``None``, or a block length that divides ``x``'s rows (:func:`momentum_blocks`).
+
+    Returns:
+        The new momentum, shape of ``x``.
+
+    References:
+        Polyak, "Some methods of speeding up the convergence of iteration methods", 1964.
+
+    Example:
+        >>> import torch
+        >>> from afx.transforms.momentum import lerp_momentum
+        >>> lerp_momentum(torch.zeros(1, 4), torch.ones(1, 4), 0.25, block=2)
+        tensor([[0.2500, 0.2500, 0.2500, 0.2500]])
+    """
+    if block is None:
+        return torch.lerp(m, x, weight)
+    return torch.lerp(row_blocks(m, block), row_blocks(x, block), weight).view(x.shape)
 
 
 def ema(beta1: float = 0.9) -> GradientTransformation:

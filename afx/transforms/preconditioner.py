@@ -4,6 +4,8 @@ A preconditioner computes ``inv ≈ 1/√E[g²]`` from the raw gradient and outp
 with Adam-style momentum, ``m · inv`` where ``m`` is an EMA of the raw gradient. The momentum has
 to live inside the preconditioner because both need the raw gradient. It can also clip its
 output by RMS, which for a factored ``inv`` a compiled step gets without a pass of its own.
+A momentum stored in blocks (:func:`afx.transforms.quantize_state`) can be computed in the
+same blocks, so the encoder's block absmax shares its loop.
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ from afx.base import (
     merge_hyperparams,
     per_leaf,
 )
-from afx.numerics import clip_rms, factored_mean_square, fp32_zeros
+from afx.numerics import blockwise_mean_square, clip_rms, factored_mean_square, fp32_zeros
+from afx.transforms.momentum import lerp_momentum, momentum_blocks
 
 Tensor = torch.Tensor
 #: ``inverse_leaf(g, state, param, hyper) -> (inv, new state)``; ``inv`` is a tensor or, for a
@@ -54,7 +57,8 @@ class MomentumState(NamedTuple):
 
 def preconditioner(init_leaf: Callable[[Tensor], Any], inverse_leaf: InverseFn,
                    specs: Mapping[str, Hyperparam], *, momentum: bool,
-                   beta1: float, clip_threshold: float | None = None) -> GradientTransformation:
+                   beta1: float, clip_threshold: float | None = None,
+                   momentum_block: int | None = None) -> GradientTransformation:
     """Builds ``u = g · inv`` (or ``m · inv`` with ``m ← lerp(m, g, 1 − β₁)``) per parameter.
 
     With ``clip_threshold`` ``d``, the output is then clipped like :func:`clip_by_rms` does:
@@ -62,6 +66,12 @@ def preconditioner(init_leaf: Callable[[Tensor], Any], inverse_leaf: InverseFn,
     step takes ``RMS(u)² = mean_j(c_j² mean_i(g²_ij r_i²))`` from a sum down the columns of
     ``g`` that fuses with the second moment's own, instead of a loop over ``u`` (equal up to
     rounding; eager steps compute ``RMS(u)`` directly).
+
+    With ``momentum_block`` ``B`` (the block length the momentum is encoded in) and a matrix
+    whose row length ``B`` divides, a compiled step computes ``m`` and the clip's mean square
+    block by block (:func:`afx.transforms.momentum.lerp_momentum`): ``m``'s loop then also
+    takes the encoder's block absmax and ``RMS(u)``, one pass over memory fewer. The momentum
+    is the same bits either way; the mean square is equal up to rounding.
 
     Args:
         init_leaf: ``init_leaf(param) -> second-moment state``.
@@ -72,6 +82,7 @@ def preconditioner(init_leaf: Callable[[Tensor], Any], inverse_leaf: InverseFn,
         beta1: default of ``"beta1"``.
         clip_threshold: if given, clip the output by RMS (hyperparameter
             ``"clip_threshold"``, ``d ≥ 0``; ``d = 0`` disables clipping).
+        momentum_block: the block length of the momentum's codec, if it is block-encoded.
 
     Returns:
         The per-leaf transformation.
@@ -108,8 +119,9 @@ def preconditioner(init_leaf: Callable[[Tensor], Any], inverse_leaf: InverseFn,
         parts = inv if isinstance(inv, tuple) else None
         if parts is not None:
             inv = parts[0] * parts[1]
+        blocks = momentum_blocks(g, momentum_block) if momentum else None
         if momentum:
-            x = torch.lerp(state.m, g, 1.0 - hyper_value(hyper, "beta1", beta1))
+            x = lerp_momentum(state.m, g, 1.0 - hyper_value(hyper, "beta1", beta1), blocks)
             state = MomentumState(rms, x)
         else:
             x, state = g, rms
@@ -119,7 +131,8 @@ def preconditioner(init_leaf: Callable[[Tensor], Any], inverse_leaf: InverseFn,
         # With momentum, u = m·r·c: the column sums would have to read m as well, so they
         # would cost as much as the plain mean square of u.
         from_columns = parts is not None and not momentum and torch.compiler.is_compiling()
-        mean_square = factored_mean_square(g, *parts) if from_columns else None
+        mean_square = (factored_mean_square(g, *parts) if from_columns
+                       else blockwise_mean_square(u, blocks) if blocks else None)
         return clip_rms(u, hyper_value(hyper, "clip_threshold", clip_threshold),
                         mean_square=mean_square), state
 

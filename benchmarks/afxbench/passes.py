@@ -83,13 +83,19 @@ def _balanced(text: str, start: int) -> str:
     return text[start:]
 
 
+#: ``x % d`` of a bare loop variable: it takes ``d`` values, like ``x // (range / d)``.
+_MODULO = re.compile(r"static_cast<int64_t>\(x\d+\)\s*%\s*static_cast<int64_t>\(\d+L\)")
+
+
 def _without_divisions(index: str) -> str:
-    """``index`` with every ``div_floor_integer(...)`` removed: a variable that appears only
-    divided (a block's statistic, read once per block) does not make an access full-size."""
+    """``index`` with every ``div_floor_integer(...)`` and modulo of a bare variable removed:
+    a variable that appears only divided (a block's statistic, read once per block) or
+    reduced modulo a constant (a column factor read block by block) does not make an access
+    full-size. A modulo of a sum (``(x1 + 256*x0) % 768``) stays: it can be a gather."""
     while (at := index.find("div_floor_integer(")) >= 0:
         start = at + len("div_floor_integer(")
         index = index[:at] + index[start + len(_balanced(index, start)) + 1:]
-    return index
+    return _MODULO.sub("0", index)
 
 
 def _divided_by(index: str, variable: str) -> set[int]:

@@ -112,3 +112,20 @@ def test_codes_read_as_words_or_bytes_count_one_byte_per_element(words):
     found = analyse(sources[0], codes.numel())
     assert [(q.reads, q.writes, q.code_loads) for q in found.passes] == [(1, 0, 1)]
     assert torch.allclose(out, (codes.float() * rows).sum())
+
+
+def test_a_column_factor_read_block_by_block_is_a_broadcast():
+    # Real Inductor output: block sums of x·c over blocks of 32 of a 16×96 matrix (the layout
+    # of afx.numerics.row_blocks) index c by x1 + 32·(x0 % 3), which takes 96 values: only x
+    # is full-size, 4 bytes per element.
+    from torch._inductor.utils import fresh_cache, run_and_get_code
+
+    from afx.numerics import row_blocks
+
+    x, c = torch.randn(16, 96), torch.rand(1, 96)
+    with fresh_cache():
+        _, sources = run_and_get_code(
+            torch.compile(lambda x, c: row_blocks(x * c, 32).sum(-1)), x, c)
+    assert "% static_cast<int64_t>(3L)" in sources[0]
+    found = analyse(sources[0], x.numel())
+    assert [(q.reads, q.writes, q.code_loads) for q in found.passes] == [(4, 0, 0)]

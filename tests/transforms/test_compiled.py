@@ -22,6 +22,14 @@ CASES = {
     # Compiled, its RMS comes from column sums (eager: from the update itself).
     "factored_rms_clip": T.scale_by_factored_rms(clip_threshold=0.5),
     "factored_rms_momentum_clip": T.scale_by_factored_rms(momentum=True, clip_threshold=0.5),
+    # Compiled, the momentum of the 6×4 matrix is created in blocks of 2 and the clip's mean
+    # square summed over them; blocks of 3 do not divide its rows, so that one stays a matrix.
+    "factored_rms_momentum_blocks": T.scale_by_factored_rms(momentum=True, clip_threshold=0.5,
+                                                            momentum_block=2),
+    "factored_rms_momentum_blocks_3": T.scale_by_factored_rms(momentum=True,
+                                                              clip_threshold=0.5,
+                                                              momentum_block=3),
+    "came_blocks": T.came_confidence(0.5, 0.9, momentum_block=2),
     "decay_coupled": T.add_decayed_weights(0.1, T.learning_rate() * T.param_rms()),
     "partition": afx.partition({"m": T.ema(0.5), "v": T.scale(2.0)},
                                lambda n, p: "m" if p.ndim >= 2 else "v"),
