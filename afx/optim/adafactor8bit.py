@@ -294,13 +294,14 @@ def adafactor8bit(group: Mapping[str, Any], *, finite_grads: bool = False
         # The factored second moment clips its own output where the clip follows it, so a
         # compiled step takes RMS(u) from its column sums (see afx.transforms.preconditioner).
         own_clip = bool(clip) and (came or not fira)
+        m_block = _momentum_block(group)
         factored_rms = scale_by_factored_rms(
             decay_rate, eps1, beta2=beta2, momentum=beta1 is not None and not came,
             beta1=beta1_default, clip_threshold=group["d"] if own_clip else None,
-            momentum_block=_momentum_block(group))
+            momentum_block=m_block)
         factored_route = route(
             factored_rms, came_confidence(beta1, group["beta3"], group["eps_came"], eps1,
-                                          momentum_block=_momentum_block(group))
+                                          momentum_block=m_block)
             if came else None, clipped=own_clip)
         routes = {
             "factored": factored_route,
