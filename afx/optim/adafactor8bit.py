@@ -7,6 +7,8 @@ from collections.abc import Iterable, Mapping
 from types import MappingProxyType
 from typing import Any
 
+import torch
+
 from afx.base import NON_NEGATIVE, GradientTransformation, hyper_value, hyperparams
 from afx.codecs import get_codec
 from afx.combine import named_chain, partition
@@ -63,6 +65,8 @@ RECOMPUTE_MOMENTUM_OPTIONS = MappingProxyType({"realize_opcount_threshold": 100,
 ELEMENTWISE_MOMENTS_OPTIONS = MappingProxyType({"realize_opcount_threshold": 40})
 _FRESH_MAPPING_NUMEL = 8 * 2**20  # fp32 elements in 32 MiB
 _FACTORED_MOMENTUM = "factored.second_moment.m.codes"
+#: The codes of a factored route's 8-bit momentum: Adam-style, and CAME's.
+_FACTORED_MOMENTUM_CODES = (_FACTORED_MOMENTUM, "factored.momentum.m.codes")
 _ELEMENTWISE_MOMENTS = ("elementwise.second_moment.m.codes",
                         "elementwise.second_moment.rms.v.codes")
 
@@ -424,12 +428,13 @@ class Adafactor8Bit(Optimizer):
         # fused instead of stored whole (147 MiB on GPT-2's embedding), and measured faster.
         if any(key.startswith("apollo.") for key in state_keys):
             return {}
-        # A factored bucket with 8-bit momentum stores the new momentum in fp32 for the loops
-        # after its encoding. Beyond 32 MiB (glibc's largest heap-served block) that buffer is
-        # a fresh mapping every step, and faulting its pages in costs more than computing the
-        # momentum again in each of those loops (GPT-2's 50257×768 embedding, in-process A/B:
-        # about 400 -> 330 ms a step); smaller ones are reused from the heap and stay faster
-        # stored.
+        # A factored bucket with 8-bit momentum stores the new momentum in fp32 for the loop
+        # that encodes it and writes the parameter (parameter_rows). Beyond 32 MiB (glibc's
+        # largest heap-served block) that buffer is a fresh mapping every step, and faulting
+        # its pages in costs more than computing the momentum again in each loop that reads it
+        # (GPT-2's 50257×768 embedding, in-process A/B: about 400 -> 330 ms a step). Smaller
+        # ones are reused from the heap and stay faster stored (with parameter_rows, 124M
+        # one thread, beta1 with all factored-momentum buckets recomputing: about 372 -> 407 ms).
         if numel >= _FRESH_MAPPING_NUMEL and _FACTORED_MOMENTUM in state_keys:
             return RECOMPUTE_MOMENTUM_OPTIONS
         # The AdamW-like route on GPT-2's embedding (in-process A/B runs, one thread): about
@@ -439,6 +444,16 @@ class Adafactor8Bit(Optimizer):
         if numel >= _FRESH_MAPPING_NUMEL and all(k in state_keys for k in _ELEMENTWISE_MOMENTS):
             return ELEMENTWISE_MOMENTS_OPTIONS
         return super().cpu_inductor_options(state_keys, numel)
+
+    def parameter_rows(self, group: Mapping[str, Any], state_keys: tuple[str, ...],
+                       param: torch.Tensor) -> int | None:
+        # A compiled factored route creates an 8-bit momentum in its codec's blocks
+        # (afx.transforms.momentum.lerp_momentum). The parameter's update reads that momentum
+        # too, so written in the same blocks it shares the loop that encodes the momentum.
+        block = _momentum_block(group)
+        momentum = any(key in state_keys for key in _FACTORED_MOMENTUM_CODES)
+        fits = param.ndim == 2 and param.is_contiguous() and block is not None
+        return block if momentum and fits and param.shape[-1] % block == 0 else None
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Loads a checkpoint saved by afx or by adafactor8bit 0.4.6's ``Adafactor8Bit``.

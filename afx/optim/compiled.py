@@ -16,7 +16,7 @@ import torch
 
 from afx.base import GradientTransformation, Hyper
 from afx.codecs.packing import read_bytes
-from afx.numerics import all_finite
+from afx.numerics import all_finite, row_blocks
 from afx.optim import precompiled
 from afx.rounding import stochastic_round
 
@@ -33,21 +33,30 @@ def apply_update(tx: GradientTransformation, param: Tensor, grad: Tensor, state:
     given. With a ``skipped`` counter, a gradient containing NaN or Inf leaves the parameter
     and every state tensor (the step count included) as they were and adds one to the counter,
     decided on the device without a host synchronisation.
+
+    ``param`` may come as :func:`~afx.numerics.row_blocks` of the gradient's shape
+    (:meth:`afx.optim.Optimizer.parameter_rows`): ``tx`` then sees it in the gradient's shape,
+    and the new parameter is formed and written in the blocks.
     """
     hyper = {name: _scalar(value) for name, value in hyper.items()}
+    written = param
+    if param.shape != grad.shape:
+        param = param.view(grad.shape)
     updates, new_state = tx.update(grad, state, param, hyper)
-    new_param = param.float() + updates
+    if updates.shape != written.shape:
+        updates = row_blocks(updates, written.shape[-1])
+    new_param = written.float() + updates
     if sr_seed is not None:
         new_param = stochastic_round(new_param, param.dtype, sr_seed, new_state.step)
     if skipped is None:
         for old, new in zip(_leaves(state), _leaves(new_state)):
             old.copy_(new)
-        param.copy_(new_param)
+        written.copy_(new_param)
         return
     finite = all_finite(grad)  # over the whole parameter: every rank decides alike
     for old, new in zip(_leaves(state), _leaves(new_state)):
         old.copy_(_keep_unless(finite, new, old))
-    param.copy_(torch.where(finite, new_param, param))
+    written.copy_(torch.where(finite, new_param, written))
     skipped.add_((~finite).to(skipped.dtype))
 
 

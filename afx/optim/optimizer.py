@@ -13,6 +13,7 @@ import torch
 
 from afx import sharding
 from afx.base import CountState, GradientTransformation, count_steps
+from afx.numerics import row_blocks
 from afx.optim import distributed, precompiled
 from afx.optim.compiled import CPU_INDUCTOR_OPTIONS, bucket_function
 from afx.tree import flatten_state, param_index, param_names
@@ -47,6 +48,7 @@ class _Call(NamedTuple):
     hyper: dict[str, Tensor]
     seed: Tensor | None
     skipped: Tensor | None
+    rows: int | None = None  # the parameter is passed in rows of this length
 
 
 #: An undo log entry: the parameter it concerns (``None`` for optimizer-wide entries) and the
@@ -288,6 +290,7 @@ class Optimizer(torch.optim.Optimizer):
     def _reset_caches(self) -> None:
         self._txs: dict[tuple, GradientTransformation] = {}
         self._buckets: dict[tuple, Callable] = {}
+        self._rows: dict[tuple, int | None] = {}  # per bucket: see parameter_rows
         self._verified: set[tuple] = set()   # buckets whose function has run successfully
         self._plans: dict[Tensor, _Plan] = {}
         self._mirrors: dict[tuple[int, torch.device], dict[str, Tensor]] = {}
@@ -347,6 +350,28 @@ class Optimizer(torch.optim.Optimizer):
         them. Options in the ``compile`` dict win over these.
         """
         return CPU_INDUCTOR_OPTIONS
+
+    def parameter_rows(self, group: Mapping[str, Any], state_keys: tuple[str, ...],
+                       param: Tensor) -> int | None:
+        """The row length a compiled step writes ``param`` in, or ``None`` for its own shape.
+
+        A compiled bucket writes the new parameter in a loop over the parameter's shape, and
+        Inductor puts two loops in one only if they run over the same shape. A state encoded
+        in blocks along the rows is encoded in a loop over those blocks; an optimizer whose
+        loop of that kind also reads what the parameter's update reads (a momentum, say)
+        returns the block length here. The bucket function then gets the parameter as
+        :func:`afx.numerics.row_blocks` of it and writes it in that loop, one pass over
+        memory fewer. Asked once per bucket, and only when compiling; the default is ``None``.
+
+        Args:
+            group: the parameter's group.
+            state_keys: its ``self.state[p]`` keys, ``"step"`` aside.
+            param: the parameter (on this process, for a sharded one).
+
+        Returns:
+            A block length that divides the rows of a contiguous matrix ``param``, or ``None``.
+        """
+        return None
 
     def hyper_values(self, group: Mapping[str, Any]) -> Mapping[str, Any]:
         """The group's hyperparameters under the names the transformation reads.
@@ -620,6 +645,9 @@ class Optimizer(torch.optim.Optimizer):
                     hyper = mirrors[p.device] = self._hyper(index, group, tx, p.device)
                 fn = self._buckets.get(plan.bucket)
                 if fn is None:
+                    if self._compile:
+                        self._rows[plan.bucket] = self.parameter_rows(
+                            group, plan.keys, distributed.local(p))
                     fn = self._buckets[plan.bucket] = bucket_function(
                         f"bucket{len(self._buckets)}", self._compile, p.device.type,
                         functools.partial(precompiled.bucket_key, type(self), plan.bucket,
@@ -633,7 +661,8 @@ class Optimizer(torch.optim.Optimizer):
                         skipped = self._skipped[p.device] = torch.zeros(
                             (), dtype=torch.int64, device=p.device)
                         undo.append((None, functools.partial(self._skipped.pop, p.device, None)))
-                calls.append(_Call(plan.bucket, fn, tx, p, plan, hyper, seeds.get(p), skipped))
+                calls.append(_Call(plan.bucket, fn, tx, p, plan, hyper, seeds.get(p), skipped,
+                                   self._rows.get(plan.bucket)))
         return _grouped(calls)
 
     def _arguments(self, call: _Call, copy: Callable[[Tensor | None], Any] | None = None
@@ -647,7 +676,10 @@ class Optimizer(torch.optim.Optimizer):
             leaves = [copy(distributed.unwrap(state[k], store))
                       for k, store in zip(call.plan.keys, call.plan.storage)]
         local = distributed.local
-        return (call.tx, copy(local(call.param)), copy(local(call.param.grad)),
+        param = local(call.param)
+        if call.rows is not None:
+            param = row_blocks(param, call.rows)
+        return (call.tx, copy(param), copy(local(call.param.grad)),
                 CountState(copy(state["step"]), call.plan.spec.unflatten(leaves)), call.hyper,
                 copy(call.seed), copy(call.skipped))
 

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import copy
 import numbers
+import os
+import sys
+from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
@@ -449,3 +453,69 @@ def test_large_elementwise_moment_buckets_store_only_the_second_moment() -> None
     sizes = _probe_then_lockstep(compiled, p1, eager, p2, grads, dtype=torch.float32)
     assert sum(n >= p1.numel() for n in sizes) == 1, sizes
     torch.testing.assert_close(p1, p2, rtol=0, atol=1e-6)
+
+
+class _OwnShape(afx.Adafactor8Bit):
+    """Adafactor8Bit writing every parameter in its own shape (no parameter_rows)."""
+
+    def parameter_rows(self, group, state_keys, param):
+        return None
+
+
+def test_parameter_rows_are_the_blocks_of_a_factored_8bit_momentum() -> None:
+    """parameter_rows names m_block_size for a contiguous matrix whose rows it divides and
+    whose factored momentum is 8-bit (Adam-style or CAME's), and None otherwise."""
+    opt = afx.Adafactor8Bit([torch.nn.Parameter(torch.zeros(4, 4))], compile=False)
+    group = dict(opt.param_groups[0], m_block_size=32)
+    adam, came = ("factored.second_moment.m.codes",), ("factored.momentum.m.codes",)
+    matrix = torch.zeros(8, 64)
+    assert opt.parameter_rows(group, adam, matrix) == 32
+    assert opt.parameter_rows(group, came, matrix) == 32
+    assert opt.parameter_rows(group, ("factored.second_moment.m",), matrix) is None
+    assert opt.parameter_rows(group, (), matrix) is None
+    assert opt.parameter_rows(group, adam, torch.zeros(8, 48)) is None
+    assert opt.parameter_rows(group, adam, torch.zeros(64, 8).T) is None
+    assert opt.parameter_rows(group, adam, torch.zeros(512)) is None
+    assert opt.parameter_rows(dict(group, m_quant_type="fp32"), adam, matrix) is None
+
+
+def test_parameters_written_in_momentum_blocks_match_and_save_a_pass() -> None:
+    """Compiled, a factored bucket with 8-bit momentum writes its parameter in the momentum's
+    blocks: parameters and states stay bitwise those of the same optimizer writing each
+    parameter in its own shape (fp32, and bf16 with stochastic rounding, over steps that
+    include a skipped NaN gradient), and each bucket's update then shares the loop that
+    encodes the momentum: one pass over memory fewer per bucket."""
+    from torch._inductor.utils import fresh_cache, run_and_get_code
+
+    from afx.optim import precompiled
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+    from afxbench.passes import analyse
+
+    shape = (64, 96)
+    gen = torch.Generator().manual_seed(0)
+    start = [0.02 * torch.randn(shape, generator=gen) for _ in range(2)]
+    grads = [[1e-3 * torch.randn(shape, generator=gen) for _ in range(2)] for _ in range(4)]
+    grads[1][0][3, 5] = float("nan")
+    results, counts = [], []
+    for cls in (afx.Adafactor8Bit, _OwnShape):
+        params = [torch.nn.Parameter(start[0].clone()),
+                  torch.nn.Parameter(start[1].to(torch.bfloat16))]
+        opt = cls(params, beta1=0.9, m_block_size=32, min_8bit_size=1024,
+                  stochastic_round_writeback=True)
+        for i, step in enumerate(grads):
+            for p, g in zip(params, step):
+                p.grad = g.to(p.dtype)
+            if i:
+                opt.step()
+                continue
+            with mock.patch.dict(os.environ, {precompiled.ENV: "0"}), fresh_cache():
+                _, sources = run_and_get_code(opt.step)
+            counts.append(sum(len(analyse(s, params[0].numel()).passes) for s in sources))
+        results.append((params, opt))
+    (ours, opt), (theirs, ref) = results
+    assert int(opt.skipped_updates) == int(ref.skipped_updates) == 1
+    for p, q in zip(ours, theirs):
+        assert torch.equal(p, q)
+        assert all(torch.equal(v, ref.state[q][k]) for k, v in opt.state[p].items())
+    assert counts[0] == counts[1] - 2
