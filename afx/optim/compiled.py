@@ -35,7 +35,7 @@ def apply_update(tx: GradientTransformation, param: Tensor, grad: Tensor, state:
     decided on the device without a host synchronisation.
 
     ``param`` may come as :func:`~afx.numerics.row_blocks` of the gradient's shape
-    (:meth:`afx.optim.Optimizer.parameter_rows`): ``tx`` then sees it in the gradient's shape,
+    (:meth:`afx.optim.Optimizer.step_layout`): ``tx`` then sees it in the gradient's shape,
     and the new parameter is formed and written in the blocks.
     """
     hyper = {name: _scalar(value) for name, value in hyper.items()}

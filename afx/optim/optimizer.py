@@ -37,6 +37,25 @@ class _Plan(NamedTuple):
     kind: tuple = ()
 
 
+class StepLayout(NamedTuple):
+    """How a compiled step sees one parameter (:meth:`Optimizer.step_layout`).
+
+    Attributes:
+        rows: the parameter is passed as :func:`afx.numerics.row_blocks` of this length (its
+            gradient and states keep their shapes), or ``None``.
+        flat: the parameter, its gradient and its parameter-shaped float states are passed as
+            1-D views.
+
+    Example:
+        >>> from afx.optim import StepLayout
+        >>> StepLayout(), StepLayout(flat=True).flat
+        (StepLayout(rows=None, flat=False), True)
+    """
+
+    rows: int | None = None
+    flat: bool = False
+
+
 class _Call(NamedTuple):
     """One call of a bucket function in a step: everything but the state tensors themselves."""
 
@@ -48,7 +67,7 @@ class _Call(NamedTuple):
     hyper: dict[str, Tensor]
     seed: Tensor | None
     skipped: Tensor | None
-    rows: int | None = None  # the parameter is passed in rows of this length
+    layout: StepLayout | None = None  # how the bucket function sees the parameter
 
 
 #: An undo log entry: the parameter it concerns (``None`` for optimizer-wide entries) and the
@@ -290,7 +309,7 @@ class Optimizer(torch.optim.Optimizer):
     def _reset_caches(self) -> None:
         self._txs: dict[tuple, GradientTransformation] = {}
         self._buckets: dict[tuple, Callable] = {}
-        self._rows: dict[tuple, int | None] = {}  # per bucket: see parameter_rows
+        self._layouts: dict[tuple, StepLayout] = {}  # per bucket: see step_layout
         self._verified: set[tuple] = set()   # buckets whose function has run successfully
         self._plans: dict[Tensor, _Plan] = {}
         self._mirrors: dict[tuple[int, torch.device], dict[str, Tensor]] = {}
@@ -351,27 +370,37 @@ class Optimizer(torch.optim.Optimizer):
         """
         return CPU_INDUCTOR_OPTIONS
 
-    def parameter_rows(self, group: Mapping[str, Any], state_keys: tuple[str, ...],
-                       param: Tensor) -> int | None:
-        """The row length a compiled step writes ``param`` in, or ``None`` for its own shape.
+    def step_layout(self, group: Mapping[str, Any], state_keys: tuple[str, ...],
+                    param: Tensor) -> StepLayout:
+        """How a compiled step sees ``param``: in its own shape, in row blocks, or flat.
 
-        A compiled bucket writes the new parameter in a loop over the parameter's shape, and
-        Inductor puts two loops in one only if they run over the same shape. A state encoded
-        in blocks along the rows is encoded in a loop over those blocks; an optimizer whose
-        loop of that kind also reads what the parameter's update reads (a momentum, say)
-        returns the block length here. The bucket function then gets the parameter as
-        :func:`afx.numerics.row_blocks` of it and writes it in that loop, one pass over
-        memory fewer. Asked once per bucket, and only when compiling; the default is ``None``.
+        Inductor puts two loops in one only if they run over the same shape, and reads a
+        per-block statistic as one scalar per vector only where the blocks are rows of the
+        loop. Two layouts help the optimizers built on afx's codecs:
+
+        * ``rows=B``: a state encoded in blocks of ``B`` along the rows is encoded in a loop
+          over those blocks. If that loop also reads what the parameter's update reads (a
+          momentum, say), the bucket function gets the parameter as
+          :func:`afx.numerics.row_blocks` of it and writes it in that loop, one pass over
+          memory fewer.
+        * ``flat``: for a chain that is element-wise (Adam-like), the parameter, its gradient
+          and its parameter-shaped float states come as 1-D views, so a block that spans
+          rows (2048 elements of a 768-wide matrix) is a plain slice of every loop rather
+          than a per-lane gather of its statistics.
+
+        Asked once per bucket, only when compiling, and never for a sharded parameter. The
+        default is the parameter's own shape.
 
         Args:
             group: the parameter's group.
             state_keys: its ``self.state[p]`` keys, ``"step"`` aside.
-            param: the parameter (on this process, for a sharded one).
+            param: the parameter.
 
         Returns:
-            A block length that divides the rows of a contiguous matrix ``param``, or ``None``.
+            A :class:`StepLayout`: ``rows`` must divide the rows of a contiguous matrix
+            ``param``; ``flat`` needs a contiguous ``param``.
         """
-        return None
+        return StepLayout()
 
     def hyper_values(self, group: Mapping[str, Any]) -> Mapping[str, Any]:
         """The group's hyperparameters under the names the transformation reads.
@@ -645,9 +674,8 @@ class Optimizer(torch.optim.Optimizer):
                     hyper = mirrors[p.device] = self._hyper(index, group, tx, p.device)
                 fn = self._buckets.get(plan.bucket)
                 if fn is None:
-                    if self._compile:
-                        self._rows[plan.bucket] = self.parameter_rows(
-                            group, plan.keys, distributed.local(p))
+                    if self._compile and plan.sharding is None:
+                        self._layouts[plan.bucket] = self.step_layout(group, plan.keys, p)
                     fn = self._buckets[plan.bucket] = bucket_function(
                         f"bucket{len(self._buckets)}", self._compile, p.device.type,
                         functools.partial(precompiled.bucket_key, type(self), plan.bucket,
@@ -662,7 +690,7 @@ class Optimizer(torch.optim.Optimizer):
                             (), dtype=torch.int64, device=p.device)
                         undo.append((None, functools.partial(self._skipped.pop, p.device, None)))
                 calls.append(_Call(plan.bucket, fn, tx, p, plan, hyper, seeds.get(p), skipped,
-                                   self._rows.get(plan.bucket)))
+                                   self._layouts.get(plan.bucket)))
         return _grouped(calls)
 
     def _arguments(self, call: _Call, copy: Callable[[Tensor | None], Any] | None = None
@@ -676,10 +704,16 @@ class Optimizer(torch.optim.Optimizer):
             leaves = [copy(distributed.unwrap(state[k], store))
                       for k, store in zip(call.plan.keys, call.plan.storage)]
         local = distributed.local
-        param = local(call.param)
-        if call.rows is not None:
-            param = row_blocks(param, call.rows)
-        return (call.tx, copy(param), copy(local(call.param.grad)),
+        param, grad = local(call.param), local(call.param.grad)
+        layout = call.layout
+        if layout is not None and layout.flat:
+            shape = param.shape
+            leaves = [leaf.view(-1) if leaf.is_floating_point() and leaf.shape == shape else leaf
+                      for leaf in leaves]
+            param, grad = param.view(-1), grad.reshape(-1)
+        elif layout is not None and layout.rows is not None:
+            param = row_blocks(param, layout.rows)
+        return (call.tx, copy(param), copy(grad),
                 CountState(copy(state["step"]), call.plan.spec.unflatten(leaves)), call.hyper,
                 copy(call.seed), copy(call.skipped))
 

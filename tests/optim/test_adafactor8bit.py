@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 import numbers
 import os
 import sys
@@ -15,6 +16,7 @@ from adafactor8bit import Adafactor8Bit as Package
 from afx_testing import step_buffer_sizes
 
 import afx
+from afx.optim import StepLayout
 
 ADAMW = dict(factored=False, beta1=0.9, beta2=0.999, beta2_decay=None, relative_step=False,
              lr=1e-3, d=0.0, scale_parameter=False, scale_weight_decay=False, weight_decay=0.01,
@@ -456,53 +458,53 @@ def test_large_elementwise_moment_buckets_store_only_the_second_moment() -> None
 
 
 class _OwnShape(afx.Adafactor8Bit):
-    """Adafactor8Bit writing every parameter in its own shape (no parameter_rows)."""
+    """Adafactor8Bit stepping every parameter in its own shape (no step_layout)."""
 
-    def parameter_rows(self, group, state_keys, param):
-        return None
+    def step_layout(self, group, state_keys, param):
+        return StepLayout()
 
 
-def test_parameter_rows_are_the_blocks_of_a_factored_8bit_momentum() -> None:
-    """parameter_rows names m_block_size for a contiguous matrix whose rows it divides and
-    whose factored momentum is 8-bit (Adam-style or CAME's), and None otherwise."""
+def test_step_layout_is_flat_for_elementwise_routes_and_row_blocks_for_8bit_momentum() -> None:
+    """step_layout flattens a contiguous matrix on the element-wise route, names m_block_size
+    for a matrix whose rows it divides and whose factored momentum is 8-bit (Adam-style or
+    CAME's), and keeps the parameter's own shape otherwise."""
     opt = afx.Adafactor8Bit([torch.nn.Parameter(torch.zeros(4, 4))], compile=False)
     group = dict(opt.param_groups[0], m_block_size=32)
     adam, came = ("factored.second_moment.m.codes",), ("factored.momentum.m.codes",)
+    elementwise = ("elementwise.second_moment.m.codes", "elementwise.second_moment.rms.v.codes")
     matrix = torch.zeros(8, 64)
-    assert opt.parameter_rows(group, adam, matrix) == 32
-    assert opt.parameter_rows(group, came, matrix) == 32
-    assert opt.parameter_rows(group, ("factored.second_moment.m",), matrix) is None
-    assert opt.parameter_rows(group, (), matrix) is None
-    assert opt.parameter_rows(group, adam, torch.zeros(8, 48)) is None
-    assert opt.parameter_rows(group, adam, torch.zeros(64, 8).T) is None
-    assert opt.parameter_rows(group, adam, torch.zeros(512)) is None
-    assert opt.parameter_rows(dict(group, m_quant_type="fp32"), adam, matrix) is None
+    assert opt.step_layout(group, adam, matrix) == StepLayout(rows=32)
+    assert opt.step_layout(group, came, matrix) == StepLayout(rows=32)
+    assert opt.step_layout(group, elementwise, matrix) == StepLayout(flat=True)
+    assert opt.step_layout(group, elementwise, torch.zeros(2, 8, 64)) == StepLayout(flat=True)
+    assert opt.step_layout(group, ("factored.second_moment.m",), matrix) == StepLayout()
+    assert opt.step_layout(group, (), matrix) == StepLayout()
+    assert opt.step_layout(group, adam, torch.zeros(8, 48)) == StepLayout()
+    assert opt.step_layout(group, adam, torch.zeros(64, 8).T) == StepLayout()
+    assert opt.step_layout(group, elementwise, torch.zeros(64, 8).T) == StepLayout()
+    assert opt.step_layout(group, adam, torch.zeros(512)) == StepLayout()
+    assert opt.step_layout(group, elementwise, torch.zeros(512)) == StepLayout()
+    assert opt.step_layout(dict(group, m_quant_type="fp32"), adam, matrix) == StepLayout()
 
 
-def test_parameters_written_in_momentum_blocks_match_and_save_a_pass() -> None:
-    """Compiled, a factored bucket with 8-bit momentum writes its parameter in the momentum's
-    blocks: parameters and states stay bitwise those of the same optimizer writing each
-    parameter in its own shape (fp32, and bf16 with stochastic rounding, over steps that
-    include a skipped NaN gradient), and each bucket's update then shares the loop that
-    encodes the momentum: one pass over memory fewer per bucket."""
+def _layout_against_own_shape(options: dict, shape: tuple[int, int]) -> tuple[list, list]:
+    """Steps ``Adafactor8Bit(**options)`` and :class:`_OwnShape` alike on two parameters (fp32,
+    and bf16 with stochastic rounding), over steps that include a skipped NaN gradient; checks
+    that parameters and states stay bitwise equal and returns each optimizer's compiled
+    sources of the first step."""
     from torch._inductor.utils import fresh_cache, run_and_get_code
 
     from afx.optim import precompiled
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
-    from afxbench.passes import analyse
-
-    shape = (64, 96)
     gen = torch.Generator().manual_seed(0)
     start = [0.02 * torch.randn(shape, generator=gen) for _ in range(2)]
     grads = [[1e-3 * torch.randn(shape, generator=gen) for _ in range(2)] for _ in range(4)]
     grads[1][0][3, 5] = float("nan")
-    results, counts = [], []
+    results, sources = [], []
     for cls in (afx.Adafactor8Bit, _OwnShape):
         params = [torch.nn.Parameter(start[0].clone()),
                   torch.nn.Parameter(start[1].to(torch.bfloat16))]
-        opt = cls(params, beta1=0.9, m_block_size=32, min_8bit_size=1024,
-                  stochastic_round_writeback=True)
+        opt = cls(params, stochastic_round_writeback=True, **options)
         for i, step in enumerate(grads):
             for p, g in zip(params, step):
                 p.grad = g.to(p.dtype)
@@ -510,12 +512,48 @@ def test_parameters_written_in_momentum_blocks_match_and_save_a_pass() -> None:
                 opt.step()
                 continue
             with mock.patch.dict(os.environ, {precompiled.ENV: "0"}), fresh_cache():
-                _, sources = run_and_get_code(opt.step)
-            counts.append(sum(len(analyse(s, params[0].numel()).passes) for s in sources))
+                sources.append(run_and_get_code(opt.step)[1])
         results.append((params, opt))
     (ours, opt), (theirs, ref) = results
     assert int(opt.skipped_updates) == int(ref.skipped_updates) == 1
     for p, q in zip(ours, theirs):
         assert torch.equal(p, q)
         assert all(torch.equal(v, ref.state[q][k]) for k, v in opt.state[p].items())
+    return sources
+
+
+def _analyse(sources: list, numel: int) -> list:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+    from afxbench.passes import analyse
+
+    return [analyse(s, numel) for s in sources]
+
+
+def test_parameters_written_in_momentum_blocks_match_and_save_a_pass() -> None:
+    """Compiled, a factored bucket with 8-bit momentum writes its parameter in the momentum's
+    blocks: results stay bitwise those of stepping each parameter in its own shape, and each
+    bucket's update then shares the loop that encodes the momentum: one pass fewer."""
+    shape = (64, 96)
+    ours, theirs = _layout_against_own_shape(dict(beta1=0.9, m_block_size=32, min_8bit_size=1024),
+                                             shape)
+    counts = [sum(len(k.passes) for k in _analyse(s, math.prod(shape))) for s in (ours, theirs)]
     assert counts[0] == counts[1] - 2
+
+
+def test_elementwise_routes_step_flat_and_save_a_pass() -> None:
+    """Compiled, an element-wise (AdamW-like) bucket whose second-moment blocks span rows (a
+    block of 256 on 96-wide rows) steps the flattened parameter: results stay bitwise those
+    of stepping it in its own shape, and the new momentum is computed in the loop that
+    updates the parameter instead of a loop of its own: one pass and 8 bytes per element
+    fewer in each bucket."""
+    options = dict(factored=False, beta1=0.9, beta2=0.999, beta2_decay=None,
+                   relative_step=False, lr=1e-3, d=0, scale_parameter=False,
+                   scale_weight_decay=False, eps=(1e-8, 1e-3), block_size=256, m_block_size=32,
+                   min_8bit_size=1024)
+    shape = (64, 96)
+    ours, theirs = (_analyse(s, math.prod(shape))
+                    for s in _layout_against_own_shape(options, shape))
+    assert len(ours) == len(theirs) == 2  # the fp32 and the bf16 parameter
+    for flat, own in zip(ours, theirs):
+        assert len(flat.passes) == len(own.passes) - 1
+        assert flat.bytes_per_element == own.bytes_per_element - 8
