@@ -46,6 +46,9 @@ class StepLayout(NamedTuple):
         flat: the parameter, its gradient and its parameter-shaped float states are passed as
             1-D views.
 
+    References:
+        None; a layout choice of the compiled step (see :meth:`Optimizer.step_layout`).
+
     Example:
         >>> from afx.optim import StepLayout
         >>> StepLayout(), StepLayout(flat=True).flat
