@@ -387,9 +387,11 @@ class Optimizer(torch.optim.Optimizer):
           :func:`afx.numerics.row_blocks` of it and writes it in that loop, one pass over
           memory fewer.
         * ``flat``: for a chain that is element-wise (Adam-like), the parameter, its gradient
-          and its parameter-shaped float states come as 1-D views, so a block that spans
-          rows (2048 elements of a 768-wide matrix) is a plain slice of every loop rather
-          than a per-lane gather of its statistics.
+          and its parameter-shaped float states come as 1-D views. Every loop over the
+          parameter then runs over one range, whatever blocks its states are encoded in, so
+          a moment is computed in the loop that updates the parameter rather than stored
+          for it, and a block that spans rows (2048 elements of a 768-wide matrix) is a
+          slice of the loop, not a per-lane gather of its statistics.
 
         Asked once per bucket, only when compiling, and never for a sharded parameter. The
         default is the parameter's own shape.
