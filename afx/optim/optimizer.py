@@ -403,7 +403,9 @@ class Optimizer(torch.optim.Optimizer):
 
         Returns:
             A :class:`StepLayout`: ``rows`` must divide the rows of a contiguous matrix
-            ``param``; ``flat`` needs a contiguous ``param``.
+            ``param``; ``flat`` needs a contiguous ``param`` whose encoded states have no
+            padded last block (torch 2.13's Inductor compiled such a flat step into a loop
+            that stopped short of the parameter's end; see ``Adafactor8Bit.step_layout``).
         """
         return StepLayout()
 
