@@ -17,7 +17,7 @@ import torch
 from afx.base import GradientTransformation, Hyper
 from afx.codecs.packing import read_bytes
 from afx.numerics import all_finite, row_blocks
-from afx.optim import precompiled
+from afx.optim import inductor_fixes, precompiled
 from afx.rounding import stochastic_round
 
 Tensor = torch.Tensor
@@ -195,6 +195,8 @@ def bucket_function(tag: str, compile: bool | dict, device_type: str = "cpu",
         if device_type == "cpu" and options.get("backend", "inductor") == "inductor":
             ours.update(cpu_options)
         options["options"] = {**ours, **(options.get("options") or {})}
+    if device_type == "cpu" and options.get("backend", "inductor") == "inductor":
+        inductor_fixes.install()
     fn = _private_copy(apply_update, tag)
     key = cache_key(options) if cache_key is not None and precompiled.available() else None
     directory = precompiled.cache_dir() if key is not None else None

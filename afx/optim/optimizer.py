@@ -403,9 +403,9 @@ class Optimizer(torch.optim.Optimizer):
 
         Returns:
             A :class:`StepLayout`: ``rows`` must divide the rows of a contiguous matrix
-            ``param``; ``flat`` needs a contiguous ``param`` whose encoded states have no
-            padded last block (torch 2.13's Inductor compiled such a flat step into a loop
-            that stopped short of the parameter's end; see ``Adafactor8Bit.step_layout``).
+            ``param``; ``flat`` needs a contiguous ``param``. A flat step whose encoded
+            states end in a padded block relies on :mod:`afx.optim.inductor_fixes` (torch
+            2.13's Inductor otherwise stops its loop short of the parameter's end).
         """
         return StepLayout()
 
