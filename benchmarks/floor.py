@@ -11,7 +11,8 @@ Three measurements in one process, one thread:
 2. the cost per element of the cheapest loops a step is built from, each compiled by Inductor
    alone on a tensor of the embedding's shape (``afxbench.primitives``);
 3. the passes over memory of each afx configuration's compiled bucket, read from Inductor's
-   C++ output for one 3072×768 parameter (``afxbench.passes``).
+   C++ output for one 3072×768 parameter (``afxbench.passes``);
+4. APOLLO's rank-256 projection of the 124M model's gradients (``afxbench.projection``).
 
 With a result file of ``benchmarks/run.py`` (``--anchors``, default: the newest in
 ``benchmarks/results``), it turns them into lower bounds on the 124M step and sets them against
@@ -33,7 +34,7 @@ REPO = BENCH_DIR.parent
 sys.path.insert(0, str(BENCH_DIR))
 sys.path.insert(0, str(REPO))
 
-from afxbench import passes, primitives, probe  # noqa: E402  (needs the path above)
+from afxbench import passes, primitives, probe, projection  # noqa: E402  (needs the path above)
 from afxbench.registry import A8B_CONFIGS  # noqa: E402
 from run import machine_info  # noqa: E402
 
@@ -46,6 +47,9 @@ CONFIGS = {"afx-adafactor": None, "afx-a8b-default": "default", "afx-a8b-beta1":
 #: the column statistics and the clip's sum (Inductor cannot put a row loop and a column loop
 #: in one sweep), then p and g read and p written by the update itself.
 ADAFACTOR_MIN_BYTES = 24
+
+#: The APOLLO preset's rank (``A8B_CONFIGS["apollo"]``).
+APOLLO_RANK = A8B_CONFIGS["apollo"]["apollo_rank"]
 
 
 def _shape(text: str) -> tuple[int, int]:
@@ -130,7 +134,7 @@ def bounds_bandwidth(triad_gbps: float, anchor_gbps: float | None,
 
 
 def bounds(prims: dict[str, dict[str, Any]], gbps: float, numel: int,
-           ms: dict[str, float]) -> list[dict[str, Any]]:
+           ms: dict[str, float], projection_ms: float | None = None) -> list[dict[str, Any]]:
     """Lower bounds on the 124M step of each target, next to the target and the measurement.
 
     ``at_bandwidth(b)`` is the time ``b`` bytes per element take at the measured bandwidth.
@@ -138,6 +142,8 @@ def bounds(prims: dict[str, dict[str, Any]], gbps: float, numel: int,
     for a linear code, fixed range for a log-space one) minus the time of its own gradient
     read, which a fused step would share; this assumes that loop's compute does not overlap
     other passes' memory traffic, as no two loop nests of Inductor's C++ output do.
+    APOLLO's bound (given ``projection_ms``, the time of its projection's matrix products,
+    which read the gradient) adds the 12 B per element of the parameter update alone.
     """
     def at_bandwidth(nbytes: float) -> float:
         return 1e3 * nbytes * numel / (gbps * 1e9)
@@ -160,6 +166,9 @@ def bounds(prims: dict[str, dict[str, Any]], gbps: float, numel: int,
         ("afx-a8b-adamw", "torch-adamw-fused", 2.0, adamw, adamw_basis),
         ("afx-a8b-adamw", "torchao-adamw8bit", 0.05, adamw, adamw_basis),
     ]
+    if projection_ms is not None:
+        rows.append(("afx-a8b-apollo", "a8b-apollo", 0.35, projection_ms + at_bandwidth(12),
+                     f"the rank-{APOLLO_RANK} projection's products + 12 B/element"))
     out = []
     for afx_key, anchor, ratio, floor_ms, basis in rows:
         target = ratio * ms[anchor] if anchor in ms else None
@@ -210,6 +219,12 @@ def markdown(doc: dict[str, Any]) -> str:
         lines.append(f"| {key} | {p['passes']} | {p['bytes_per_element']} | {p['code_loads']} "
                      f"| {p['temporaries_per_element']:g} | {_n(at_bw)} | "
                      f"{_n(doc['measured_ms'].get(key))} |")
+    proj = doc.get("projection")
+    if proj:
+        lines += ["", f"## APOLLO's projection (rank {proj['rank']}, the 124M model's matrices, "
+                  f"median of {doc['reps']} products each)", "",
+                  f"{_n(proj['ms'])} ms per step: {proj['gflop']:.1f} GFLOP at "
+                  f"{proj['gflops']:.0f} GFLOP/s."]
     if doc["bounds"]:
         lines += ["", f"## Lower bounds against the targets (124M; anchors from "
                   f"`{doc['anchors']}`)", "",
@@ -237,13 +252,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"  loop: {prim.name}", flush=True)
         prims[prim.name] = primitives.time_primitive(prim, args.shape, args.reps)
     found = read_passes(args.pass_shape)
+    from afxbench.shapes import SIZES
+
+    print("  projection", flush=True)
+    proj = projection.time_projection([s for _, s in SIZES["124M"].tensors()], APOLLO_RANK,
+                                      args.reps)
     anchors = json.loads(args.anchors.read_text()) if args.anchors else None
     ms, numel = _anchor_ms(anchors)
     bounds_gbps = bounds_bandwidth(
         bandwidth["best_gbps"], (anchors or {}).get("bandwidth", {}).get("used_gbps"), prims)
     if numel is None:
-        from afxbench.shapes import SIZES
-
         numel = SIZES["124M"].numel
     doc = {
         "command": " ".join(["python benchmarks/floor.py",
@@ -254,9 +272,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "numel_124M": numel, "anchors": str(args.anchors.relative_to(REPO)
                                             if args.anchors and args.anchors.is_relative_to(REPO)
                                             else args.anchors),
-        "measured_ms": ms, "primitives": prims, "passes": found,
+        "measured_ms": ms, "primitives": prims, "passes": found, "projection": proj,
         "bounds_gbps": bounds_gbps,
-        "bounds": bounds(prims, bounds_gbps, numel, ms) if ms else [],
+        "bounds": bounds(prims, bounds_gbps, numel, ms, proj["ms"]) if ms else [],
     }
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / f"afxfloor-{started.strftime('%Y%m%d-%H%M%S')}"

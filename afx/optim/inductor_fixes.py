@@ -1,7 +1,7 @@
 """A guard around one Inductor CPU loop transformation that drops iterations.
 
-Inductor's C++ backend (``CppScheduling.try_loop_split``, present from torch 2.5 to at least
-2.13) removes a division from a fused loop by splitting the loop variable ``x`` of an index
+Inductor's C++ backend (``CppScheduling.try_loop_split``; seen in torch 2.13, other releases
+not checked) removes a division from a fused loop by splitting the loop variable ``x`` of an index
 ``x // B`` into ``B * y + z``. It sizes the new outer loop ``n // B`` without checking that
 ``B`` divides ``n``, so the last ``n % B`` iterations are never run: their outputs are left
 unwritten. afx reaches that pattern whenever a flat update reads a block-scaled state whose

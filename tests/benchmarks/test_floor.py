@@ -47,3 +47,28 @@ def test_bounds_assume_the_fastest_rate_measured() -> None:
     assert bounds_bandwidth(30.0, 15.0, prims) == 30.0
     assert bounds_bandwidth(15.3, 26.0, prims) == 26.0
     assert bounds_bandwidth(15.3, None, {}) == 15.3
+
+
+def test_the_apollo_bound_is_its_projection_plus_the_parameter_update() -> None:
+    """APOLLO's bound adds the measured projection products (which read the gradient) to the
+    12 B per element of the update; without a projection time there is no APOLLO row."""
+    prims = {"code_update_fixed_scale": {"ns_per_element": 2.0},
+             "log_code_update_fixed_range": {"ns_per_element": 5.0}}
+    anchors = {**ANCHORS, "a8b-apollo": 3000.0}
+    rows = {b["optimizer"]: b for b in bounds(prims, GBPS, NUMEL, anchors, projection_ms=700.0)}
+    apollo = rows["afx-a8b-apollo"]
+    assert abs(apollo["floor_ms"] - (700.0 + 1e3 * 12 * NUMEL / (GBPS * 1e9))) < 1e-9
+    assert apollo["target_ms"] == 0.35 * 3000.0 and apollo["reachable"]
+    assert "afx-a8b-apollo" not in {b["optimizer"] for b in bounds(prims, GBPS, NUMEL, anchors)}
+
+
+def test_the_projection_times_each_matrix_once_per_occurrence() -> None:
+    """time_projection skips vectors, views N-D tensors as (R, C), and counts 2·R·C·r
+    floating-point operations per matrix, repeated shapes included."""
+    from afxbench.projection import time_projection
+
+    out = time_projection([(8, 4), (4, 8), (8, 4), (5,), (2, 3, 4)], rank=2, reps=1)
+    assert abs(out["gflop"] * 1e9 - 2 * 2 * (8 * 4 * 2 + 4 * 8 + 2 * 12)) < 1e-6
+    assert sorted((tuple(s["shape"]), s["count"]) for s in out["shapes"]) == [
+        ((2, 3, 4), 1), ((4, 8), 1), ((8, 4), 2)]
+    assert out["ms"] > 0
