@@ -54,8 +54,17 @@ def random_bits(seed: Tensor, step: Tensor, numel: int, device: torch.device,
         >>> torch.equal(a, random_bits(torch.tensor(7), torch.tensor(3.0), 4, torch.device("cpu")))
         True
     """
-    key = _mix32(_mix32(seed.long() * _M2 + 0x9E3779B9) ^ (step.long() & MASK32))
     index = torch.arange(start, start + numel, device=device, dtype=torch.int64)
+    return _bits_at(_key(seed, step), index)
+
+
+def _key(seed: Tensor, step: Tensor) -> Tensor:
+    """The hash key of one ``(seed, step)`` pair."""
+    return _mix32(_mix32(seed.long() * _M2 + 0x9E3779B9) ^ (step.long() & MASK32))
+
+
+def _bits_at(key: Tensor, index: Tensor) -> Tensor:
+    """The 32 random bits of each element ``index`` (int64) of the draw keyed by ``key``."""
     return _mix32((index & MASK32) * _M1 + key + (index >> 32))
 
 
@@ -84,9 +93,13 @@ def normal(seed: Tensor, counter: Tensor, shape: tuple[int, ...], device: torch.
         >>> round(z.mean().item(), 1), round(z.std().item(), 1)
         (0.0, 1.0)
     """
-    numel = math.prod(shape)
-    bits = random_bits(seed, counter, 2 * numel, device).reshape(numel, 2) >> 8
-    u1 = (bits[:, 0] + 1).float() * 2.0 ** -24
-    u2 = bits[:, 1].float() * 2.0 ** -24
+    # Element i takes bits 2i and 2i+1 of the draw. Hashing those indices directly, rather
+    # than taking every other element of one draw, keeps every read contiguous, so Inductor
+    # vectorises the whole loop (the strided int64 reads left it scalar: 20 -> 3 ns a sample
+    # compiled, one thread of an AVX-512 EPYC). The numbers are the same.
+    key = _key(seed, counter)
+    even = 2 * torch.arange(math.prod(shape), device=device, dtype=torch.int64)
+    u1 = ((_bits_at(key, even) >> 8) + 1).float() * 2.0 ** -24
+    u2 = (_bits_at(key, even + 1) >> 8).float() * 2.0 ** -24
     z = torch.sqrt(-2.0 * torch.log(u1)) * torch.cos((2.0 * math.pi) * u2)
     return z.reshape(shape)
