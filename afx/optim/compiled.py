@@ -174,7 +174,8 @@ def bucket_function(tag: str, compile: bool | dict, device_type: str = "cpu",
         passes ``mode`` (which ``torch.compile`` does not combine with ``options``), the
         guards are filtered by :func:`traced_once_guards`. The caller's own ``options`` win
         over afx's, key by key. With a cache key (and a torch with the precompile API), the
-        compiled copy is loaded from or saved to the cache directory.
+        compiled copy is loaded from or saved to the cache directory. A CPU bucket compiled
+        by Inductor first installs :mod:`afx.optim.inductor_fixes`.
 
     References:
         Ansel et al., "PyTorch 2: Faster Machine Learning Through Dynamic Python Bytecode
@@ -190,12 +191,13 @@ def bucket_function(tag: str, compile: bool | dict, device_type: str = "cpu",
     options = dict(compile) if isinstance(compile, dict) else {}
     options.setdefault("fullgraph", True)
     options.setdefault("dynamic", False)
+    cpu_inductor = device_type == "cpu" and options.get("backend", "inductor") == "inductor"
     if "mode" not in options:
         ours: dict[str, Any] = {"guard_filter_fn": traced_once_guards}
-        if device_type == "cpu" and options.get("backend", "inductor") == "inductor":
+        if cpu_inductor:
             ours.update(cpu_options)
         options["options"] = {**ours, **(options.get("options") or {})}
-    if device_type == "cpu" and options.get("backend", "inductor") == "inductor":
+    if cpu_inductor:
         inductor_fixes.install()
     fn = _private_copy(apply_update, tag)
     key = cache_key(options) if cache_key is not None and precompiled.available() else None
