@@ -31,6 +31,7 @@ MODULES = (
     "afx.combine",
     "afx.optim.presets",
     "afx.optim.package_checkpoint",
+    "afx.optim.inductor_fixes",
 )
 
 

@@ -57,6 +57,10 @@ def install() -> bool:
         ``True`` when the guard is in place (installed now or before), ``False`` when this torch
         has no such transformation or lacks the loop-state snapshots the guard restores from.
 
+    References:
+        Ansel et al., "PyTorch 2: Faster Machine Learning Through Dynamic Python Bytecode
+        Transformation and Graph Compilation", 2024 (Inductor and its C++ backend).
+
     Example:
         >>> from afx.optim import inductor_fixes
         >>> inductor_fixes.install() == inductor_fixes.install()
