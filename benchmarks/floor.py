@@ -5,7 +5,7 @@ Usage (see benchmarks/README.md)::
 
     python benchmarks/floor.py [--anchors benchmarks/results/afxbench-*.json] [--reps 7]
 
-Three measurements in one process, one thread:
+Four measurements in one process, one thread:
 
 1. memory bandwidth (the triad of ``afxbench.probe``);
 2. the cost per element of the cheapest loops a step is built from, each compiled by Inductor

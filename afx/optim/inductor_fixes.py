@@ -12,9 +12,9 @@ parameter's tail then silently stops training.
 iterates over as many points as before, and otherwise restores the loops it was given (the same
 fallback Inductor itself takes when a split leaves incompatible loops). Because an Inductor cache
 entry written without the guard may hold the wrong kernel, it also adds a tag to
-``torch.compiler.config.cache_key_tag`` so those entries are not reused. :func:`bucket_function`
-installs it before compiling; it changes nothing when the transformation is absent or already
-correct.
+``torch.compiler.config.cache_key_tag`` so those entries are not reused.
+:func:`afx.optim.compiled.bucket_function` installs it before compiling; it changes nothing
+when the transformation is absent or already correct.
 """
 
 from __future__ import annotations

@@ -9,6 +9,7 @@ gives the part of the step that no fusion of afx's element-wise loops can shorte
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from collections import Counter
@@ -34,9 +35,7 @@ def time_projection(shapes: list[tuple[int, ...]], rank: int, reps: int) -> dict
 
     per_shape, total_s, flop = [], 0.0, 0
     for shape, count in Counter(tuple(s) for s in shapes if len(s) >= 2).items():
-        rows, cols = shape[0], 1
-        for d in shape[1:]:
-            cols *= d
+        rows, cols = shape[0], math.prod(shape[1:])
         g = torch.randn(rows, cols)
         left, right = ((g, torch.randn(cols, rank)) if rows >= cols
                        else (torch.randn(rank, rows), g))
