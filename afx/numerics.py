@@ -67,7 +67,40 @@ def norm(x: Tensor, *, sharded: bool = True) -> Tensor:
     """
     if _is_sharded(sharded):
         return sum_squares(x).sqrt()
+    if torch.compiler.is_compiling() and x.ndim >= 2:
+        # Row by row first, as in rms(): the row sums then share a loop with other row
+        # reductions over the same inputs, such as all_finite's row maxima of the gradient
+        # (APOLLO's Fira norm: one pass over the gradient fewer per step).
+        return x.float().square().sum(-1).sum().sqrt()
     return torch.linalg.vector_norm(x.float())
+
+
+def channel_norms(x: Tensor, dim: int) -> Tensor:
+    """Euclidean norms of a matrix's rows (``dim=-1``) or columns (``dim=-2``), keeping ``dim``.
+
+    Compiled, the column norms sum groups of rows first (:func:`_sum_down_columns`), so the
+    loop reads the matrix in memory order instead of walking down each column; eager, they
+    are ``torch.linalg.vector_norm`` as written.
+
+    Args:
+        x: a matrix (the same whole tensor on every rank).
+        dim: ``-1`` or ``-2``.
+
+    Returns:
+        ``torch.linalg.vector_norm(x, dim=dim, keepdim=True)``.
+
+    References:
+        None; a helper of APOLLO's channel-wise scaling.
+
+    Example:
+        >>> import torch
+        >>> from afx.numerics import channel_norms
+        >>> channel_norms(torch.tensor([[3.0, 0.0], [4.0, 1.0]]), -2)
+        tensor([[5., 1.]])
+    """
+    if dim == -2 and x.ndim == 2 and torch.compiler.is_compiling():
+        return _sum_down_columns(x.float().square(), True).sqrt().unsqueeze(-2)
+    return torch.linalg.vector_norm(x, dim=dim, keepdim=True)
 
 
 def full_mean(x: Tensor, dim: int, *, sharded: bool = True, cheap: bool = False,

@@ -224,7 +224,9 @@ def markdown(doc: dict[str, Any]) -> str:
         lines += ["", f"## APOLLO's projection (rank {proj['rank']}, the 124M model's matrices, "
                   f"median of {doc['reps']} products each)", "",
                   f"{_n(proj['ms'])} ms per step: {proj['gflop']:.1f} GFLOP at "
-                  f"{proj['gflops']:.0f} GFLOP/s."]
+                  f"{proj['gflops']:.0f} GFLOP/s with the faster library ("
+                  + ", ".join(f"{name} {_n(ms)} ms"
+                              for name, ms in proj.get("libraries", {}).items()) + ")."]
     if doc["bounds"]:
         lines += ["", f"## Lower bounds against the targets (124M; anchors from "
                   f"`{doc['anchors']}`)", "",

@@ -71,15 +71,26 @@ def buffer_sizes(fn: Callable, *args: object, dtype: torch.dtype | None = None) 
     count of every CPU buffer (of ``dtype``, if given) Inductor's generated code allocates."""
     with fresh_cache():
         _, sources = run_and_get_code(fn, *args)
+    return _allocated(sources, dtype)
+
+
+def _allocated(sources: list[str], dtype: torch.dtype | None) -> list[int]:
     return [torch.Size(int(d) for d in dims.split(",") if d.strip()).numel()
             for source in sources for dims, kind in _ALLOC.findall(source)
             if dtype is None or getattr(torch, kind) == dtype]
 
 
-def step_buffer_sizes(opt: torch.optim.Optimizer, dtype: torch.dtype | None = None) -> list[int]:
-    """:func:`buffer_sizes` of ``opt.step()``, with precompiled functions off (a loaded one
-    shows no source)."""
+def step_sources(opt: torch.optim.Optimizer) -> list[str]:
+    """The code Inductor generates for ``opt.step()`` from a fresh cache, with precompiled
+    functions off (a loaded one shows no source)."""
     from afx.optim import precompiled
 
-    with mock.patch.dict(os.environ, {precompiled.ENV: "0"}):
-        return buffer_sizes(opt.step, dtype=dtype)
+    with mock.patch.dict(os.environ, {precompiled.ENV: "0"}), fresh_cache():
+        _, sources = run_and_get_code(opt.step)
+    return sources
+
+
+def step_buffer_sizes(opt: torch.optim.Optimizer, dtype: torch.dtype | None = None) -> list[int]:
+    """:func:`buffer_sizes` of ``opt.step()``: the element count of every CPU buffer (of
+    ``dtype``, if given) its generated code allocates."""
+    return _allocated(step_sources(opt), dtype)

@@ -21,6 +21,7 @@ MODULES = (
     "afx.codecs",
     "afx.optim",
     "afx.counter_rng",
+    "afx.matmul",
     "afx.rounding",
     "afx.tree",
     "afx.numerics",

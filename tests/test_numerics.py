@@ -1,6 +1,6 @@
 """afx.numerics: the finiteness test of skip_nonfinite, the column mean of a tall matrix, the
-root mean square, the factored preconditioner's parts and mean square, and the block views
-of a block-encoded momentum.
+root mean square, norms (of a whole matrix and of its rows or columns), the factored
+preconditioner's parts and mean square, and the block views of a block-encoded momentum.
 
 Each compiled test is traced once (one shape), however many examples hypothesis draws.
 """
@@ -18,10 +18,12 @@ from torch._inductor.utils import fresh_cache, run_and_get_code
 from afx.numerics import (
     all_finite,
     blockwise_mean_square,
+    channel_norms,
     factored_mean_square,
     factored_rsqrt,
     factored_rsqrt_parts,
     full_mean,
+    norm,
     rms,
     row_blocks,
 )
@@ -151,3 +153,41 @@ def test_compiled_block_sums_read_a_column_factor_as_vectors() -> None:
         out, (source,) = run_and_get_code(f, x, c)
     torch.testing.assert_close(out, (x * c).square().mean(), rtol=2e-6, atol=0.0)
     assert "tmpbuf" not in source
+
+
+_compiled_norm = torch.compile(norm, fullgraph=True, dynamic=False)
+
+
+@pytest.mark.parametrize("shape", [(0, 5), (7,), (7, 300), (2, 3, 33)])
+def test_compiled_norm_is_the_norm(shape: tuple[int, ...]) -> None:
+    """Compiled, norm sums a tensor of two or more dims row by row first; it is still the
+    Euclidean norm of all elements to float32 rounding (0 for an empty tensor)."""
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(len(shape))) * 3.0
+    expected = x.double().square().sum().sqrt().float()
+    torch.testing.assert_close(_compiled_norm(x), expected, rtol=1e-6, atol=0.0)
+    torch.testing.assert_close(norm(x), expected, rtol=1e-6, atol=0.0)
+
+
+def test_compiled_norm_shares_the_loop_of_the_row_maxima() -> None:
+    """The point of the row-first sum: compiled together, the norm of g·s and all_finite(g) of a
+    64×96 matrix are taken in one loop over g (its 96-column rows read once), not two."""
+    f = torch.compile(lambda g, s: (norm(g * s), all_finite(g)), fullgraph=True, dynamic=False)
+    g, s = torch.randn(64, 96), torch.rand(96)
+    with fresh_cache():
+        (n, finite), (source,) = run_and_get_code(f, g, s)
+    torch.testing.assert_close(n, torch.linalg.vector_norm(g * s), rtol=1e-6, atol=0.0)
+    assert bool(finite)
+    assert source.count("x1<static_cast<int64_t>(96L)") == 1
+
+
+@pytest.mark.parametrize("shape", [(45, 24), (1, 7)])
+@pytest.mark.parametrize("dim", [-1, -2])
+def test_channel_norms_are_vector_norms(shape: tuple[int, int], dim: int) -> None:
+    """channel_norms(x, dim) is torch.linalg.vector_norm(x, dim=dim, keepdim=True): exactly
+    eager, to float32 rounding compiled (where column norms sum groups of 16 rows first; 45
+    rows leave 13 over)."""
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(shape[0])) * 5.0
+    expected = torch.linalg.vector_norm(x, dim=dim, keepdim=True)
+    assert torch.equal(channel_norms(x, dim), expected)
+    f = torch.compile(lambda t: channel_norms(t, dim), fullgraph=True, dynamic=False)
+    torch.testing.assert_close(f(x), expected, rtol=1e-6, atol=0.0)

@@ -21,7 +21,16 @@ from afx.base import (
     step_count,
 )
 from afx.counter_rng import normal
-from afx.numerics import clip_rms, factored_rsqrt, fp32_zeros, full_mean, hoisted, norm
+from afx.matmul import matmul
+from afx.numerics import (
+    channel_norms,
+    clip_rms,
+    factored_rsqrt,
+    fp32_zeros,
+    full_mean,
+    hoisted,
+    norm,
+)
 from afx.transforms.came import residual_means
 from afx.tree import current_param_index
 
@@ -246,11 +255,11 @@ def scale_by_apollo(
         t = step_count(hyper)
         proj, new = projection(state, t, hyper, proj_shape(shape, rank), g.device)
         if right:
-            low = g @ proj   # this rank's rows of L when sharded
+            low = matmul(g, proj)   # this rank's rows of L when sharded
         else:
             # L = P G sums over the parameter's rows: this rank's columns of P times its rows
             # of G, summed over the ranks.
-            low = sharding.all_reduce(sharding.local_rows(proj, 1) @ g)
+            low = sharding.all_reduce(matmul(sharding.local_rows(proj, 1), g))
         # With R >= C, L is sharded like the parameter; otherwise it is whole on every rank.
         rows = sharding.local_rows if right else (lambda x: x)
         weight = hoisted(1.0 - hyper_value(hyper, "beta2", beta2) if beta2 is not None
@@ -258,6 +267,16 @@ def scale_by_apollo(
         e = hyper_value(hyper, "apollo_eps", eps)
         floor = torch.clamp(torch.as_tensor(e) ** 2, min=FLT_MIN)
         b1 = hyper_value(hyper, "beta1", beta1)
+
+        def ema(old: Tensor, target: Tensor, w: Any) -> Tensor:
+            """``lerp(old, target, w)`` for a low-rank state, in ``target``'s shape."""
+            if right:
+                return torch.lerp(old, target, w)
+            # L = P G is (r, C): its rows rarely line up with the blocks an 8-bit state is
+            # encoded in, and Inductor's loop over the matrix then fetches every element's
+            # block statistics one by one. Over the flat state it splits the index by the
+            # block length and reads them once per block (124M APOLLO step: ~20 ms less).
+            return torch.lerp(old.reshape(-1), target.reshape(-1), w).view(target.shape)
 
         if factorize:
             sq = low.square()
@@ -267,7 +286,7 @@ def scale_by_apollo(
                                weight)
             new.update(v_low_row=v_row, v_low_col=v_col)
         else:
-            v = torch.lerp(state.v, low.square(), weight)
+            v = ema(state.v, low.square(), weight)
             new["v"] = v
 
         if confidence:
@@ -275,7 +294,7 @@ def scale_by_apollo(
                    else torch.maximum(v, floor).rsqrt())
             u0 = clip_rms(low * inv, hyper_value(hyper, "clip_threshold", clip_threshold),
                           sharded=right)
-            m = torch.lerp(state.m, u0, 1.0 - b1)
+            m = ema(state.m, u0, 1.0 - b1)
             eps_c = hyper_value(hyper, "eps_came", eps_came)
             c_weight = 1.0 - hyper_value(hyper, "beta3", beta3)
             if factorize:
@@ -285,7 +304,7 @@ def scale_by_apollo(
                 new.update(c_row=c_row, c_col=c_col)
                 scaled = m * factored_rsqrt(c_row, c_col, FLT_MIN, sharded=right)
             else:
-                res = torch.lerp(state.res, (u0 - m).square() + eps_c, c_weight)
+                res = ema(state.res, (u0 - m).square() + eps_c, c_weight)
                 new["res"] = res
                 scaled = m * torch.maximum(res, floor).rsqrt()
             new["m"] = m
@@ -297,18 +316,19 @@ def scale_by_apollo(
                 root = v.sqrt()
             numerator = low
             if momentum:
-                numerator = new["m"] = torch.lerp(state.m, low, 1.0 - b1)
+                numerator = new["m"] = ema(state.m, low, 1.0 - b1)
             scaled = numerator / (root + e)
 
         if scale_type == "tensor":
             s = norm(scaled, sharded=right) / (norm(low, sharded=right) + 1e-8)
         else:
             dim = -1 if right else -2
-            s = (torch.linalg.vector_norm(scaled, dim=dim, keepdim=True)
-                 / (torch.linalg.vector_norm(low, dim=dim, keepdim=True) + 1e-8))
+            s = channel_norms(scaled, dim) / (channel_norms(low, dim) + 1e-8)
         # Built by calling the class, not with _replace: Dynamo would guard the identity of
         # _replace's helper functions, which a saved compiled function cannot keep.
         new_state = type(state)(*(new.get(f, getattr(state, f)) for f in state._fields))
-        return (s * g).reshape(local_shape), new_state
+        # S is one factor per row or column: computed once, not with two square roots and a
+        # division for every element of G.
+        return (hoisted(s) * g).reshape(local_shape), new_state
 
     return per_leaf(init_leaf, update_leaf, hyperparams(**specs))

@@ -167,6 +167,16 @@ PRIMITIVES = [
 ]
 
 
+def timed_calls(fn: Callable, args: tuple, reps: int) -> list[float]:
+    """Seconds taken by each of ``reps`` consecutive calls ``fn(*args)``."""
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn(*args)
+        times.append(time.perf_counter() - start)
+    return times
+
+
 def time_primitive(primitive: Primitive, shape: tuple[int, int], reps: int) -> dict[str, Any]:
     """Compiles one primitive, then times ``reps`` calls after two untimed ones.
 
@@ -184,11 +194,7 @@ def time_primitive(primitive: Primitive, shape: tuple[int, int], reps: int) -> d
     fn(*args)
     compile_s = time.perf_counter() - start
     fn(*args)
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn(*args)
-        times.append(time.perf_counter() - start)
+    times = timed_calls(fn, args, reps)
     tensors = [t for a in args for t in (a if isinstance(a, tuple) else (a,))]
     numel = max(t.numel() for t in tensors)
     median = statistics.median(times)

@@ -2,18 +2,27 @@
 
 Each step, APOLLO (``afx.transforms.scale_by_apollo``) projects the gradient of every matrix to
 rank ``r``: ``G P`` with ``P`` of shape ``(C, r)`` when the matrix has at least as many rows
-as columns, ``P G`` with ``P`` of shape ``(r, R)`` otherwise. On CPU Inductor hands these
-products to ATen's matrix multiply, so timing that call on each of a model's matrix shapes
-gives the part of the step that no fusion of afx's element-wise loops can shorten.
+as columns, ``P G`` with ``P`` of shape ``(r, R)`` otherwise. A compiled afx step hands these
+products to oneDNN (``afx.matmul.cpu_mm``), eager code to torch's ``mm`` (MKL in the x86
+builds); timing both libraries on each of a model's matrix shapes gives the part of the step
+that no fusion of afx's element-wise loops can shorten: the faster library's time.
 """
 
 from __future__ import annotations
 
 import math
 import statistics
-import time
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
+
+from afxbench.primitives import timed_calls
+
+
+def _median_ms(product: Callable[..., Any], operands: tuple, reps: int) -> float:
+    for _ in range(2):
+        product(*operands)
+    return 1e3 * statistics.median(timed_calls(product, operands, reps))
 
 
 def time_projection(shapes: list[tuple[int, ...]], rank: int, reps: int) -> dict[str, Any]:
@@ -24,31 +33,30 @@ def time_projection(shapes: list[tuple[int, ...]], rank: int, reps: int) -> dict
             (APOLLO leaves them to another route) and the rest are viewed as ``(R, C)`` with
             ``C`` the product of the trailing dimensions, as APOLLO does.
         rank: the projection's rank.
-        reps: timed products per distinct shape, after two untimed ones.
+        reps: timed products per distinct shape and library, after two untimed ones.
 
     Returns:
-        ``ms`` (the sum over ``shapes`` of each shape's median time), ``gflop`` (floating-point
-        operations of one step's products, in 1e9) and ``gflops`` (their rate), and per shape
-        its count and median ``ms``.
+        ``libraries``: for ``torch.mm`` and ``afx.matmul.cpu_mm``, the sum over ``shapes`` of
+        each shape's median ms; ``ms``, the faster library's sum; ``gflop`` (floating-point
+        operations of one step's products, in 1e9) and ``gflops`` (their rate at ``ms``); and
+        per shape its count and median ms with each library.
     """
     import torch
 
-    per_shape, total_s, flop = [], 0.0, 0
+    from afx.matmul import cpu_mm
+
+    libraries = {"torch.mm": torch.mm, "afx.matmul.cpu_mm": cpu_mm}
+    per_shape, totals, flop = [], dict.fromkeys(libraries, 0.0), 0
     for shape, count in Counter(tuple(s) for s in shapes if len(s) >= 2).items():
         rows, cols = shape[0], math.prod(shape[1:])
         g = torch.randn(rows, cols)
         left, right = ((g, torch.randn(cols, rank)) if rows >= cols
                        else (torch.randn(rank, rows), g))
-        for _ in range(2):
-            torch.mm(left, right)
-        times = []
-        for _ in range(reps):
-            start = time.perf_counter()
-            torch.mm(left, right)
-            times.append(time.perf_counter() - start)
-        median = statistics.median(times)
-        per_shape.append({"shape": list(shape), "count": count, "ms": 1e3 * median})
-        total_s += count * median
+        ms = {name: _median_ms(f, (left, right), reps) for name, f in libraries.items()}
+        per_shape.append({"shape": list(shape), "count": count, "ms": ms})
+        for name in libraries:
+            totals[name] += count * ms[name]
         flop += count * 2 * rows * cols * rank
-    return {"rank": rank, "ms": 1e3 * total_s, "gflop": flop / 1e9,
-            "gflops": flop / total_s / 1e9 if total_s else 0.0, "shapes": per_shape}
+    fastest = min(totals.values())
+    return {"rank": rank, "libraries": totals, "ms": fastest, "gflop": flop / 1e9,
+            "gflops": flop / fastest / 1e6 if fastest else 0.0, "shapes": per_shape}

@@ -63,12 +63,15 @@ def test_the_apollo_bound_is_its_projection_plus_the_parameter_update() -> None:
 
 
 def test_the_projection_times_each_matrix_once_per_occurrence() -> None:
-    """time_projection skips vectors, views N-D tensors as (R, C), and counts 2·R·C·r
-    floating-point operations per matrix, repeated shapes included."""
+    """time_projection skips vectors, views N-D tensors as (R, C), counts 2·R·C·r
+    floating-point operations per matrix, repeated shapes included, and bounds the products
+    by the faster of torch's mm and the oneDNN product of afx's compiled step."""
     from afxbench.projection import time_projection
 
     out = time_projection([(8, 4), (4, 8), (8, 4), (5,), (2, 3, 4)], rank=2, reps=1)
     assert abs(out["gflop"] * 1e9 - 2 * 2 * (8 * 4 * 2 + 4 * 8 + 2 * 12)) < 1e-6
     assert sorted((tuple(s["shape"]), s["count"]) for s in out["shapes"]) == [
         ((2, 3, 4), 1), ((4, 8), 1), ((8, 4), 2)]
-    assert out["ms"] > 0
+    assert set(out["libraries"]) == {"torch.mm", "afx.matmul.cpu_mm"}
+    assert out["ms"] == min(out["libraries"].values()) > 0
+    assert all(set(s["ms"]) == set(out["libraries"]) for s in out["shapes"])

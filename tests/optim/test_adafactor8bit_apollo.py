@@ -10,14 +10,16 @@ the package's. The gap is longer than the run, so neither redraws.
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
 from adafactor8bit import Adafactor8Bit as Package
-from afx_testing import step_buffer_sizes
+from afx_testing import step_buffer_sizes, step_sources
 from test_adafactor8bit import rel_diff, state_bytes
 
 import afx
+import afx.matmul
 from afx.optim.compiled import CPU_INDUCTOR_OPTIONS
 
 ADAM_LIKE = dict(apollo_rank=4, beta1=0.9, beta2=0.999, beta2_decay=None, relative_step=False,
@@ -269,6 +271,22 @@ def test_compiled_step_keeps_no_parameter_sized_temporary() -> None:
     opt.step()
     assert torch.equal(param, before) and int(opt.skipped_updates) == 1
     assert all(torch.equal(opt.state[param][k], v) for k, v in state.items())
+
+
+def test_compiled_low_rank_state_reads_block_statistics_per_block() -> None:
+    """A 16×96 parameter projects as L = P G, an 8×96 matrix whose 8-bit V (blocks of 128)
+    has blocks that straddle rows. Its update runs over the flat state, so Inductor's loops
+    index each block's statistics by the block, never by dividing every element's index by
+    the block length (a scalar fetch per element in the 2-D loop); the step compiles to the
+    oneDNN product."""
+    param = torch.nn.Parameter(torch.randn(16, 96) * 0.1)
+    param.grad = torch.randn(16, 96)
+    opt = afx.Adafactor8Bit([param], apollo_rank=8, block_size=128, min_8bit_size=256)
+    sources = step_sources(opt)
+    assert opt.state[param]["apollo.low_rank.v.codes"].shape == (6, 128)
+    assert not any(re.search(r"div_floor_integer\([^;]*128L", s) for s in sources)
+    if afx.matmul._LINEAR is not None:
+        assert any("torch.ops.afx.cpu_mm" in s for s in sources)
 
 
 def test_only_apollo_buckets_use_inductors_default_fusion() -> None:
