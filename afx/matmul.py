@@ -1,8 +1,10 @@
 """Matrix products of compiled steps, on the faster of the CPU build's two libraries.
 
 torch's CPU ``mm`` calls MKL, whose single-precision GEMM picks its code path by CPU vendor:
-on AMD processors it runs AVX2 kernels even where AVX-512 is available. oneDNN, the other
-library in the same build, picks its kernels by instruction set. Inside a compiled step
+on the benchmark machine's AMD EPYC, ``MKL_VERBOSE=1`` reports its generic "Intel(R)
+Architecture processors" path although the CPU has AVX-512. oneDNN, the other library in the
+same build, picks its kernels by instruction set (``ONEDNN_VERBOSE=1``: ``brg_matmul:avx512_core``
+there). Inside a compiled step
 afx therefore hands float32 CPU products to oneDNN, through an opaque custom op (Inductor's
 own lowering of oneDNN's linear expects a frozen weight, not a tensor computed in the graph).
 Eager code keeps ``a @ b``: the very call, and so the very numbers, of the implementations afx

@@ -275,7 +275,8 @@ def scale_by_apollo(
             # L = P G is (r, C): its rows rarely line up with the blocks an 8-bit state is
             # encoded in, and Inductor's loop over the matrix then fetches every element's
             # block statistics one by one. Over the flat state it splits the index by the
-            # block length and reads them once per block (124M APOLLO step: ~20 ms less).
+            # block length and reads them once per block (one 768×3072 parameter, the kernel
+            # after the product: 4.7 -> 3.3 ms).
             return torch.lerp(old.reshape(-1), target.reshape(-1), w).view(target.shape)
 
         if factorize:
