@@ -10,10 +10,9 @@ own lowering of oneDNN's linear expects a frozen weight, not a tensor computed i
 Eager code keeps ``a @ b``: the very call, and so the very numbers, of the implementations afx
 is compared with.
 
-Measured on the benchmark machine (AMD EPYC, AVX-512, one thread, torch 2.13), one of
-APOLLO's rank-256 projections, a 3072×768 gradient times a 768×256 matrix: 14.8 ms with MKL,
-11.4 ms with oneDNN; in the profile of the 124M APOLLO step, 794 ms of MKL products became
-619 ms of oneDNN ones.
+On the benchmark machine (AMD EPYC, AVX-512, one thread, torch 2.13), ``benchmarks/floor.py``
+times all of APOLLO's rank-256 projections of the 124M model at 844 ms with MKL and 661 ms
+with oneDNN.
 """
 
 from __future__ import annotations
