@@ -69,9 +69,15 @@ _ALLOC = re.compile(r"empty_strided_cpu\(\(([\d, ]*)\), \([\d, ]*\), torch\.(\w+
 def buffer_sizes(fn: Callable, *args: object, dtype: torch.dtype | None = None) -> list[int]:
     """Runs ``fn(*args)`` (which compiles) from a fresh Inductor cache and returns the element
     count of every CPU buffer (of ``dtype``, if given) Inductor's generated code allocates."""
+    return _allocated(compiled_sources(fn, *args), dtype)
+
+
+def compiled_sources(fn: Callable, *args: object) -> list[str]:
+    """Runs ``fn(*args)`` (which compiles) from a fresh Inductor cache and returns the code
+    Inductor generates (a cache hit would return none)."""
     with fresh_cache():
         _, sources = run_and_get_code(fn, *args)
-    return _allocated(sources, dtype)
+    return sources
 
 
 def _allocated(sources: list[str], dtype: torch.dtype | None) -> list[int]:
@@ -85,9 +91,8 @@ def step_sources(opt: torch.optim.Optimizer) -> list[str]:
     functions off (a loaded one shows no source)."""
     from afx.optim import precompiled
 
-    with mock.patch.dict(os.environ, {precompiled.ENV: "0"}), fresh_cache():
-        _, sources = run_and_get_code(opt.step)
-    return sources
+    with mock.patch.dict(os.environ, {precompiled.ENV: "0"}):
+        return compiled_sources(opt.step)
 
 
 def step_buffer_sizes(opt: torch.optim.Optimizer, dtype: torch.dtype | None = None) -> list[int]:

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from afx_testing import compiled_sources
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from torch._inductor.utils import fresh_cache, run_and_get_code
 
 import afx.matmul
 from afx.matmul import cpu_mm, matmul
@@ -48,20 +48,18 @@ def test_compiled_float32_product_calls_onednn() -> None:
     it) and still equals a @ b to float32 rounding, whichever operand is a transposed view."""
     a, b = torch.randn(48, 40), torch.randn(24, 40).t()
     f = torch.compile(lambda x, y: matmul(x * 2.0, y), fullgraph=True, dynamic=False)
-    with fresh_cache():
-        out, (source,) = run_and_get_code(f, a, b)
+    (source,) = compiled_sources(f, a, b)
     assert "torch.ops.afx.cpu_mm" in source
-    _close(out, a * 2.0, b)
+    _close(f(a, b), a * 2.0, b)
 
 
 def test_compiled_float64_product_stays_with_the_operator() -> None:
     """Only float32 goes to oneDNN; a float64 product compiles to Inductor's own mm."""
     a, b = torch.randn(8, 5, dtype=torch.float64), torch.randn(5, 3, dtype=torch.float64)
     f = torch.compile(matmul, fullgraph=True, dynamic=False)
-    with fresh_cache():
-        out, (source,) = run_and_get_code(f, a, b)
+    (source,) = compiled_sources(f, a, b)
     assert "cpu_mm" not in source
-    torch.testing.assert_close(out, a @ b)
+    torch.testing.assert_close(f(a, b), a @ b)
 
 
 def test_without_onednn_cpu_mm_is_the_operator(monkeypatch: pytest.MonkeyPatch) -> None:
